@@ -1,0 +1,73 @@
+"""Prefix-LM attention masks and the attention kernel shared by Gemma and Gemma 2.
+
+PaliGemma is trained as a prefix-LM: the image tokens and the text prefix ("caption en\\n")
+form one block in which every token sees every other token in both directions; the suffix
+(the answer, and every generated token) is causal. Padding is never attended to.
+
+Masks are boolean, `True` = may attend, shaped `[B, 1, S, T]` for S queries over T key slots.
+Slots are positions in the KV buffer (padding included); RoPE positions are separate and count
+real tokens only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def prefix_lm_mask(
+    q_slots: torch.Tensor,  # [S] slot of each query in the KV buffer
+    kv_valid: torch.Tensor,  # [B, T] bool: slot holds a real (non-padding) token
+    kv_prefix: torch.Tensor,  # [B, T] bool: slot belongs to the bidirectional prefix
+    q_prefix: torch.Tensor,  # [B, S] bool: query belongs to the prefix
+    window: int | None = None,  # Gemma 2 sliding layers: see at most `window` slots back
+) -> torch.Tensor:
+    """Boolean mask `[B, 1, S, T]` combining causal, sliding-window, prefix and padding rules.
+
+    Same rule as transformers: ((causal and in-window) or both-in-prefix) and key-is-real.
+
+    >>> m = prefix_lm_mask(torch.arange(3), torch.ones(1, 3, dtype=torch.bool),
+    ...                    torch.tensor([[1, 1, 0]]).bool(), torch.tensor([[1, 1, 0]]).bool())
+    >>> m[0, 0].int().tolist()   # tokens 0,1 are prefix (see each other), token 2 is causal
+    [[1, 1, 0], [1, 1, 0], [1, 1, 1]]
+    """
+    kv_slots = torch.arange(kv_valid.shape[1], device=kv_valid.device)
+    diff = q_slots[:, None] - kv_slots[None, :]  # [S, T] how far back each key is
+    causal = diff >= 0
+    if window is not None:
+        causal = causal & (diff < window)
+    bidirectional = q_prefix[:, :, None] & kv_prefix[:, None, :]  # [B, S, T]
+    allowed = (causal[None] | bidirectional) & kv_valid[:, None, :]
+    # A padding query would otherwise see nothing, and an empty softmax row is NaN, which
+    # would leak into later layers through its keys/values. Let every query see itself.
+    allowed = allowed | (diff == 0)[None]
+    return allowed[:, None]
+
+
+def attention(
+    q: torch.Tensor,  # [B, H, S, Dh]
+    k: torch.Tensor,  # [B, Hkv, T, Dh]
+    v: torch.Tensor,  # [B, Hkv, T, Dh]
+    mask: torch.Tensor,  # [B, 1, S, T] bool
+    scale: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention with grouped KV heads and optional Gemma 2 logit soft-cap."""
+    B, H, S, Dh = q.shape
+    groups = H // k.shape[1]
+    if groups > 1:
+        # Multi-query / grouped-query: query head h uses KV head h // groups. Folding the
+        # group into the query length lets all its heads share one KV head without copying
+        # the cache: [B, H, S, Dh] -> [B, Hkv, groups * S, Dh], mask rows repeated to match.
+        q = q.reshape(B, k.shape[1], groups * S, Dh)
+        mask = mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * S, mask.shape[-1])
+    if softcap is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    else:
+        # Gemma 2 squashes the raw scores with tanh before masking, which SDPA cannot express.
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, Hkv, groups * S, T]
+        scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # softmax in fp32 for fp16/bf16
+        out = torch.matmul(probs, v)
+    return out.reshape(B, H, S, Dh)

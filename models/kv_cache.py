@@ -1,0 +1,50 @@
+"""Key/value caches. Attention layers call `cache.update(layer, k, v, slot)` and attend to what
+it returns, so the same decoder serves eager generation and the ONNX graphs.
+
+* `StaticKVCache` (eager generation, gpt-fast style): buffers of the final length are allocated
+  once and each step writes its keys at `slot`. Every decode step then has identical shapes, the
+  cost of a step does not grow with the number of tokens (apart from the attention term, which
+  covers the whole buffer under a mask), and nothing is reallocated.
+* `ConcatKVCache` (the ONNX decode graph): past keys come in as graph inputs and the step's keys
+  are appended, so the graph's outputs are `[batch, kv_heads, past + new, head_dim]` tensors that
+  an application feeds back in. Dynamic length is what ONNX Runtime apps expect.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StaticKVCache:
+    """Preallocated `[batch, kv_heads, max_len, head_dim]` keys and values for every layer."""
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write `k, v` `[B, Hkv, S, Dh]` at slots `slot .. slot+S-1`; return the whole buffers."""
+        end = slot + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; step writes up to {end}")
+        self.k[layer][:, :, slot:end] = k
+        self.v[layer][:, :, slot:end] = v
+        return self.k[layer], self.v[layer]
+
+
+class ConcatKVCache:
+    """Past keys/values in, past + new out (`present`), one entry per layer."""
+
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+        self.past = past
+        self.present: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.past is not None:
+            pk, pv = self.past[layer]
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        self.present.append((k, v))
+        return k, v

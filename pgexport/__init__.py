@@ -1,0 +1,1 @@
+"""pgexport: PaliGemma from PyTorch to production runtimes."""
