@@ -17,7 +17,7 @@ import torch
 from pgexport.generation import Sampling, generate_tokens
 
 from .kv_cache import StaticKVCache
-from .paligemma import PaliGemma, _tensor, positions_from_mask
+from .paligemma import PaliGemma, _tensor, last_token_index, positions_from_mask
 
 
 class EagerStepper:
@@ -46,9 +46,7 @@ class EagerStepper:
         x = m.embed(ids, features)
         masks = m.masks(torch.arange(S, device=m.device), self.kv_valid, self.kv_prefix, mask.bool())
         hidden = m.language_model(x, positions_from_mask(mask), masks, self.cache, slot=0)  # [B, S, D]
-        # Last real token of each row (works for left and right padding).
-        last = S - 1 - torch.flip(mask, dims=[1]).argmax(-1)
-        return self._logits(hidden[torch.arange(B), last])
+        return self._logits(hidden[torch.arange(B), last_token_index(mask)])
 
     @torch.inference_mode()
     def decode(self, tokens) -> np.ndarray:

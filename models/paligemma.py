@@ -20,7 +20,7 @@ from torch import nn
 
 from .attention import prefix_lm_mask
 from .config import PaliGemmaConfig
-from .gemma import GemmaDecoder
+from .gemma import GemmaDecoder, RMSNorm
 from .siglip import SiglipVisionTower
 
 
@@ -39,6 +39,12 @@ def positions_from_mask(attention_mask: torch.Tensor, offset: torch.Tensor | int
     Left or right padding gives every row the same positions as that prompt alone.
     """
     return attention_mask.long().cumsum(-1) + offset
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index `[B]` of each row's last real token, for left or right padding."""
+    slots = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * slots).argmax(-1)
 
 
 class PaliGemma(nn.Module):
@@ -97,6 +103,30 @@ class PaliGemma(nn.Module):
         masks = self.masks(slots, attention_mask.bool(), is_prefix, is_prefix)
         hidden = self.language_model(x, positions_from_mask(attention_mask), masks)
         return self.language_model.logits(hidden)
+
+    @classmethod
+    def random(cls, cfg: PaliGemmaConfig, seed: int = 0, dtype: torch.dtype = torch.float32, std: float = 0.02) -> "PaliGemma":
+        """A model with seeded random weights (what `pgexport init` saves), built in one copy.
+
+        Matrices and embeddings ~ N(0, std), biases 0, LayerNorm scale 1, RMSNorm weight 0
+        (Gemma's norms multiply by 1 + w, so 0 is the identity).
+        """
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to_empty(device="cpu").to(dtype)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, RMSNorm):
+                    module.weight.zero_()
+                elif isinstance(module, nn.LayerNorm):
+                    module.weight.fill_(1.0)
+                    module.bias.zero_()
+                elif isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+                    module.weight.normal_(0.0, std, generator=g)
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
+        return model.eval()
 
     @property
     def device(self) -> torch.device:
