@@ -116,6 +116,7 @@ def init_checkpoint(preset: str, out: str | Path, seed: int = 0, dtype: str = "f
     cfg = PaliGemmaConfig.from_preset(preset)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp.chmod(0o755)
     try:
         progress(f"building {preset} with random weights (seed {seed}, {dtype})")
         model = PaliGemma.random(cfg, seed=seed, dtype=torch_dtype(dtype))
