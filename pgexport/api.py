@@ -141,6 +141,7 @@ def generate(model, processor, images: list[Any], prompts: list[str], max_new_to
     """
     from .models.generate import generate as generate_ids
 
-    batch = processor(images=images, prompts=prompts)
+    context = model.cfg.text.max_position_embeddings
+    batch = processor(images=images, prompts=prompts, max_length=context - max_new_tokens)
     ids = generate_ids(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], max_new_tokens, sampling)
     return processor.batch_decode(ids, skip_special_tokens=True)
