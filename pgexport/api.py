@@ -49,7 +49,20 @@ def _resolve_device(device: str):
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise PgExportError("--device cuda was requested but PyTorch sees no CUDA GPU; use --device cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:  # torch's message lists two dozen device types over several lines
+        raise PgExportError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+
+
+def _not_found(spec: str) -> PgExportError:
+    from .models.config import PRESETS
+
+    if Path(spec).exists():
+        return PgExportError(f"{spec} is a file, not a checkpoint folder; pass the folder that holds config.json")
+    if any(sep in spec for sep in ("/", "\\")) or spec.startswith("."):
+        return PgExportError(f"checkpoint folder {spec} not found; check the path or pass a preset name")
+    return PgExportError(f"{spec!r} is neither a checkpoint folder nor a preset; presets: {', '.join(PRESETS)}")
 
 
 def load_model(path_or_preset: str | Path | None = None, dtype: str = "float32", device: str = "cpu", seed: int = 0):
@@ -69,7 +82,7 @@ def load_model(path_or_preset: str | Path | None = None, dtype: str = "float32",
         return load_checkpoint(spec, dtype=dt, device=dev)
     if spec in PRESETS:
         return PaliGemma.random(PaliGemmaConfig.from_preset(spec), seed=seed, dtype=dt).to(dev)
-    raise PgExportError(f"{spec!r} is neither a checkpoint folder nor a preset; presets: {', '.join(PRESETS)}")
+    raise _not_found(spec)
 
 
 def load_processor(path_or_preset: str | Path | None = None):
@@ -87,7 +100,7 @@ def load_processor(path_or_preset: str | Path | None = None):
     from .tokenizer import build_paligemma_tokenizer
 
     if spec not in PRESETS:
-        raise PgExportError(f"{spec!r} is neither a checkpoint folder nor a preset; presets: {', '.join(PRESETS)}")
+        raise _not_found(spec)
     cfg = PaliGemmaConfig.from_preset(spec)
     tokenizer = build_paligemma_tokenizer(cfg.image_token_id - 1152)
     return PaliGemmaProcessor(tokenizer, image_size=cfg.vision.image_size, num_image_tokens=cfg.num_image_tokens)
@@ -142,6 +155,9 @@ def generate(model, processor, images: list[Any], prompts: list[str], max_new_to
     from .models.generate import generate as generate_ids
 
     context = model.cfg.text.max_position_embeddings
+    if max_new_tokens >= context:
+        raise PgExportError(f"max_new_tokens={max_new_tokens} does not fit the model's context of {context} tokens "
+                            "(prompt included); ask for fewer new tokens")
     batch = processor(images=images, prompts=prompts, max_length=context - max_new_tokens)
     ids = generate_ids(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], max_new_tokens, sampling)
     return processor.batch_decode(ids, skip_special_tokens=True)

@@ -102,6 +102,8 @@ def generate(model_spec, image_path, prompt, max_new_tokens, backend, device, dt
     from .generation import Sampling
     from .image import load_image
 
+    if draw:
+        _check_writable_image(draw)  # before the slow part, not after it
     image = load_image(image_path or SAMPLE_IMAGE)
     sampling = Sampling(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed) if temperature > 0 else None
     model = load_model(model_spec, dtype=dtype, device=device)
@@ -112,10 +114,26 @@ def generate(model_spec, image_path, prompt, max_new_tokens, backend, device, dt
         detections = parse_detections(text, image.width, image.height)
         for d in detections:
             x0, y0, x1, y1 = d.box
-            click.echo(f"{d.label}: x0={x0:.0f} y0={y0:.0f} x1={x1:.0f} y1={y1:.0f}")
+            click.echo(f"{d.label or '(no label)'}: x0={x0:.0f} y0={y0:.0f} x1={x1:.0f} y1={y1:.0f}")
         if draw:
-            draw_detections(image, detections).save(draw)
+            try:
+                draw_detections(image, detections).save(draw)
+            except (OSError, ValueError, KeyError) as e:
+                raise PgExportError(f"cannot write {draw}: {e}; choose another --draw path") from None
             click.echo(f"wrote {draw}")
+
+
+def _check_writable_image(path: str) -> None:
+    """--draw must name an image format Pillow can write, in an existing folder."""
+    from PIL import Image
+
+    Image.init()
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    if fmt not in Image.SAVE:
+        raise click.BadParameter(f"Pillow cannot write {Path(path).suffix or 'a file without extension'} "
+                                 f"images ({path}); use .png or .jpg", param_hint="--draw")
+    if not Path(path).absolute().parent.is_dir():
+        raise PgExportError(f"cannot write {path}: folder {Path(path).parent} does not exist; create it first")
 
 
 def _progress(message: str) -> None:
