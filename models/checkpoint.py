@@ -29,6 +29,7 @@ from pgexport.errors import PgExportError
 from .config import PaliGemmaConfig
 from .paligemma import PaliGemma
 
+_EMBED = "language_model.embed_tokens.weight"
 _TIED_HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight", "model.lm_head.weight")
 
 
@@ -92,16 +93,20 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32, devi
         model = PaliGemma(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
+    heads: dict[str, torch.Tensor] = {}  # explicit copies of the tied head, checked below
     problems: list[str] = []
     for path in weight_files(folder):
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for key in f.keys():
                     name = to_internal_name(key)
-                    if key in _TIED_HEAD_KEYS:
-                        continue  # Gemma ties the head to the embedding table
                     shape = tuple(f.get_slice(key).get_shape())
-                    if name not in expected:
+                    if key in _TIED_HEAD_KEYS:  # Gemma ties the head to the embedding table
+                        if shape != expected[_EMBED]:
+                            problems.append(f"{key}: checkpoint {list(shape)} vs embedding {list(expected[_EMBED])}")
+                        else:
+                            heads[key] = f.get_tensor(key)
+                    elif name not in expected:
                         problems.append(f"unexpected tensor {key} {list(shape)}")
                     elif shape != expected[name]:
                         problems.append(f"{key}: checkpoint {list(shape)} vs config {list(expected[name])}")
@@ -117,6 +122,9 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32, devi
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise PgExportError(f"{Path(folder)} does not match its config.json: {'; '.join(problems[:3])}{more}")
+    for key, head in heads.items():
+        if not torch.equal(head.to(dtype), state[_EMBED].to("cpu")):
+            raise PgExportError(f"{key} differs from the embedding table; PaliGemma ties its head to the embeddings and pgexport does not support an untied head")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 

@@ -120,6 +120,8 @@ class PaliGemmaConfig:
         """Read a Hugging Face PaliGemma `config.json` (any transformers version)."""
         if d.get("model_type") not in (None, "paligemma"):
             raise ValueError(f"model_type is {d.get('model_type')!r}, expected 'paligemma'")
+        if d.get("tie_word_embeddings", True) is False or (d.get("text_config") or {}).get("tie_word_embeddings", True) is False:
+            raise ValueError("tie_word_embeddings=false: PaliGemma ties its LM head to the embeddings; an untied head is not supported")
         v = d.get("vision_config") or {}
         t = d.get("text_config") or {}
         vision = VisionConfig(
