@@ -1,0 +1,168 @@
+"""The three ONNX graphs, as thin wrappers around the eager `PaliGemma` modules.
+
+Each wrapper holds the *same* model object that runs eagerly and calls its building blocks
+(`encode_image`, `embed`, `masks`, `language_model(...)` with a `ConcatKVCache`,
+`language_model.logits`), so the traced graphs cannot drift from the eager numerics.
+
+    vision_encoder.onnx  pixel_values [batch, 3, size, size] float
+                         -> image_features [batch, num_image_tokens, hidden]
+    prefill.onnx         input_ids [batch, seq] int64 (with `<image>` ids), image_features,
+                         attention_mask [batch, seq] int64
+                         -> logits [batch, vocab] (last real token of each row),
+                            present.{i}.key|value [batch, kv_heads, seq, head_dim]
+    decode.onnx          input_ids [batch, 1], attention_mask [batch, past + 1],
+                         past_key_values.{i}.key|value [batch, kv_heads, past, head_dim]
+                         -> logits [batch, vocab], present.{i}.key|value [.., past + 1, ..]
+
+Prefill treats the whole prompt as the bidirectional prefix (padding excluded). Decode has no
+prefix: its token is causal, at query slot `past`, with RoPE position `attention_mask.sum(-1)`
+(1-based count of real tokens), and Gemma 2 sliding layers apply the window on slots. Left and
+right padding both work because positions, masks and the last-token index all derive from
+`attention_mask`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from pgexport.models.kv_cache import ConcatKVCache
+from pgexport.models.paligemma import PaliGemma, last_token_index, positions_from_mask
+
+# Symbolic axis names, shared by the graphs (they end up as dim_param in the ONNX files).
+BATCH = "batch"
+SEQ = "sequence_length"
+PAST = "past_sequence_length"
+
+VISION_INPUTS = ["pixel_values"]
+VISION_OUTPUTS = ["image_features"]
+PREFILL_INPUTS = ["input_ids", "image_features", "attention_mask"]
+
+
+def present_names(num_layers: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def past_names(num_layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def prefill_outputs(num_layers: int) -> list[str]:
+    return ["logits", *present_names(num_layers)]
+
+
+def decode_inputs(num_layers: int) -> list[str]:
+    return ["input_ids", "attention_mask", *past_names(num_layers)]
+
+
+def decode_outputs(num_layers: int) -> list[str]:
+    return ["logits", *present_names(num_layers)]
+
+
+def _gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """hidden `[B, S, D]`, index `[B]` -> `[B, D]` (same values as `hidden[arange(B), index]`)."""
+    return torch.gather(hidden, 1, index[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]
+
+
+class VisionEncoderGraph(nn.Module):
+    """pixel_values -> image_features (SigLIP + projector)."""
+
+    input_names = VISION_INPUTS
+    output_names = VISION_OUTPUTS
+
+    def __init__(self, model: PaliGemma):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixel_values)
+
+    def example_inputs(self, batch: int = 2) -> tuple:
+        v = self.model.cfg.vision
+        return (torch.zeros(batch, v.num_channels, v.image_size, v.image_size, dtype=self.model.dtype),)
+
+    def dynamic_shapes(self) -> dict:
+        return {"pixel_values": {0: Dim(BATCH)}}
+
+
+class PrefillGraph(nn.Module):
+    """The whole prompt (bidirectional prefix) -> last-token logits and the KV cache."""
+
+    input_names = PREFILL_INPUTS
+
+    def __init__(self, model: PaliGemma):
+        super().__init__()
+        self.model = model
+        self.output_names = prefill_outputs(model.cfg.text.num_hidden_layers)
+
+    def forward(self, input_ids: torch.Tensor, image_features: torch.Tensor, attention_mask: torch.Tensor):
+        m = self.model
+        x = m.embed(input_ids, image_features)
+        slots = torch.arange(input_ids.shape[1], device=input_ids.device)
+        real = attention_mask.bool()  # every real token is prefix; padding is neither
+        masks = m.masks(slots, real, real, real)
+        cache = ConcatKVCache()
+        hidden = m.language_model(x, positions_from_mask(attention_mask), masks, cache, slot=0)
+        logits = m.language_model.logits(_gather_rows(hidden, last_token_index(attention_mask)))
+        return (logits, *[t for kv in cache.present for t in kv])
+
+    def example_inputs(self, batch: int = 2, text_len: int = 5) -> tuple:
+        cfg = self.model.cfg
+        n = cfg.num_image_tokens
+        ids = torch.full((batch, n + text_len), 3, dtype=torch.long)
+        ids[:, :n] = cfg.image_token_id
+        mask = torch.ones_like(ids)
+        feats = torch.zeros(batch, n, cfg.text.hidden_size, dtype=self.model.dtype)
+        return ids, feats, mask
+
+    def dynamic_shapes(self) -> dict:
+        batch, seq = Dim(BATCH), Dim(SEQ)
+        return {
+            "input_ids": {0: batch, 1: seq},
+            "image_features": {0: batch},
+            "attention_mask": {0: batch, 1: seq},
+        }
+
+
+class DecodeGraph(nn.Module):
+    """One new token per row, past keys/values in, past + 1 out."""
+
+    def __init__(self, model: PaliGemma):
+        super().__init__()
+        self.model = model
+        n = model.cfg.text.num_hidden_layers
+        self.input_names = decode_inputs(n)
+        self.output_names = decode_outputs(n)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_key_values: list[torch.Tensor]):
+        m = self.model
+        past = [(past_key_values[2 * i], past_key_values[2 * i + 1]) for i in range(len(past_key_values) // 2)]
+        past_len = past[0][0].shape[2]
+        q_slots = torch.arange(past_len, past_len + 1, device=input_ids.device)  # [1]: the new slot
+        real = attention_mask.bool()  # [B, past + 1]
+        no_prefix_kv = torch.zeros_like(real)
+        no_prefix_q = torch.zeros_like(input_ids, dtype=torch.bool)
+        masks = m.masks(q_slots, real, no_prefix_kv, no_prefix_q)
+        positions = attention_mask.long().sum(-1, keepdim=True)  # [B, 1], 1-based real-token count
+        cache = ConcatKVCache(past)
+        hidden = m.language_model(m.embed(input_ids), positions, masks, cache, slot=past_len)
+        logits = m.language_model.logits(hidden[:, -1])
+        return (logits, *[t for kv in cache.present for t in kv])
+
+    def example_inputs(self, batch: int = 2, past: int = 7) -> tuple:
+        t = self.model.cfg.text
+        ids = torch.full((batch, 1), 3, dtype=torch.long)
+        mask = torch.ones(batch, past + 1, dtype=torch.long)
+        shape = (batch, t.num_key_value_heads, past, t.head_dim)
+        kv = [torch.zeros(shape, dtype=self.model.dtype) for _ in range(2 * t.num_hidden_layers)]
+        return ids, mask, kv
+
+    def dynamic_shapes(self) -> dict:
+        batch, past = Dim(BATCH), Dim(PAST)
+        n = self.model.cfg.text.num_hidden_layers
+        return {
+            "input_ids": {0: batch},
+            "attention_mask": {0: batch, 1: past + 1},
+            "past_key_values": [{0: batch, 2: past} for _ in range(2 * n)],
+        }
