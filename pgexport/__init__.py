@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load_model": "api", "load_processor": "api", "generate": "api", "init_checkpoint": "api",
-    "sample_image": "api",
+    "sample_image": "api", "OnnxPaliGemma": "runtime",
 }
 
 

@@ -81,8 +81,9 @@ def init(preset: str, out: str, seed: int, dtype: str):
 @click.option("--image", "image_path", default=None, type=click.Path(dir_okay=False), help="Input image (default: a bundled sample).")
 @click.option("--prompt", default="caption en", show_default=True, help='Task prefix, e.g. "caption en", "detect circle".')
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--backend", type=click.Choice(["torch"]), default="torch", show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
+              help="torch: eager PyTorch (checkpoint or preset); onnx: ONNX Runtime on an export folder (no torch).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N).")
 @click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
 @click.option("--top-k", default=None, type=click.IntRange(min=1), help="Sample from the k most likely tokens.")
@@ -92,12 +93,14 @@ def init(preset: str, out: str, seed: int, dtype: str):
 def generate(model_spec, image_path, prompt, max_new_tokens, backend, device, dtype, temperature, top_k, top_p, seed, draw):
     """Generate text for one image and prompt; prints boxes for `detect` prompts.
 
+    With --backend onnx, --model is an export folder (pgexport onnx) and PyTorch is not needed.
+
     \b
     Example:
       pgexport generate --model paligemma-3b-pt-224 --image cat.jpg --prompt "detect cat" --draw out.png
+      pgexport generate --backend onnx --model exports/pg-224 --image cat.jpg --prompt "caption en"
     """
-    from .api import SAMPLE_IMAGE, load_model, load_processor
-    from .api import generate as run_generate
+    from .api import SAMPLE_IMAGE
     from .detection import draw_detections, parse_detections
     from .generation import Sampling
     from .image import load_image
@@ -106,9 +109,15 @@ def generate(model_spec, image_path, prompt, max_new_tokens, backend, device, dt
         _check_writable_image(draw)  # before the slow part, not after it
     image = load_image(image_path or SAMPLE_IMAGE)
     sampling = Sampling(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed) if temperature > 0 else None
-    model = load_model(model_spec, dtype=dtype, device=device)
-    processor = load_processor(model_spec)
-    text = run_generate(model, processor, [image], [prompt], max_new_tokens=max_new_tokens, sampling=sampling)[0]
+    if backend == "onnx":  # ONNX Runtime only: nothing here may import torch
+        text = _generate_onnx(model_spec, device, dtype, image, prompt, max_new_tokens, sampling)
+    else:
+        from .api import generate as run_generate
+        from .api import load_model, load_processor
+
+        model = load_model(model_spec, dtype=dtype, device=device)
+        processor = load_processor(model_spec)
+        text = run_generate(model, processor, [image], [prompt], max_new_tokens=max_new_tokens, sampling=sampling)[0]
     click.echo(text)
     if prompt.startswith("detect"):
         detections = parse_detections(text, image.width, image.height)
@@ -121,6 +130,22 @@ def generate(model_spec, image_path, prompt, max_new_tokens, backend, device, dt
             except (OSError, ValueError, KeyError) as e:
                 raise PgExportError(f"cannot write {draw}: {e}; choose another --draw path") from None
             click.echo(f"wrote {draw}")
+
+
+def _generate_onnx(export_dir, device, dtype, image, prompt, max_new_tokens, sampling) -> str:
+    """`generate --backend onnx`: OnnxPaliGemma on an export folder (torch-free)."""
+    from .runtime import OnnxPaliGemma
+
+    if not export_dir:
+        raise PgExportError("--backend onnx needs --model EXPORT_DIR, a folder written by `pgexport onnx`")
+    if dtype not in ("float32", "fp32"):
+        raise PgExportError(f"--dtype {dtype} does not apply to --backend onnx: an export's dtype is fixed when it is "
+                            "written (pgexport onnx --quant ...); leave --dtype out")
+    name, _, index = device.partition(":")
+    if name not in ("cpu", "cuda") or (index and not index.isdigit()) or (name == "cpu" and index):
+        raise PgExportError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+    model = OnnxPaliGemma(export_dir, provider=name, device_id=int(index or 0))
+    return model.generate([image], [prompt], max_new_tokens=max_new_tokens, sampling=sampling)[0]
 
 
 def _check_writable_image(path: str) -> None:
@@ -140,6 +165,177 @@ def _progress(message: str) -> None:
     """Progress lines on a terminal only (keeps piped output clean)."""
     if sys.stderr.isatty():
         click.echo(message, err=True)
+
+
+# ----------------------------------------------------------------------------- onnx / inspect
+@main.command("onnx")
+@click.option("--model", "model_spec", default=None, help="Checkpoint folder or preset (default: the built-in model).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Export folder to write (must be empty or absent).")
+@click.option("--quant", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Weights and activations: fp32, or fp16 (half the size; Gemma 2 may lose accuracy).")
+@click.option("--opset", type=click.IntRange(min=18), default=None, help="ONNX opset (default: the exporter's, 20).")
+@click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check (export_report.json).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (only once the new one is complete).")
+def onnx_command(model_spec, out, quant, opset, no_validate, overwrite):
+    """Export to a self-contained ONNX folder (three graphs, manifest, tokenizer).
+
+    Writes OUT/pgexport.json, vision_encoder.onnx, prefill.onnx, decode.onnx with their .data
+    files, the tokenizer and preprocessor_config.json, then runs the graphs under ONNX Runtime
+    on a sample and compares with PyTorch (OUT/export_report.json). The folder runs without
+    pgexport's PyTorch side: `pgexport generate --backend onnx --model OUT`.
+
+    \b
+    Example:
+      pgexport onnx --model paligemma-3b-pt-224 --out exports/pg-224
+      pgexport onnx --model my-finetuned --out exports/ft --quant fp16 --no-validate
+    """
+    from .exporters.pipeline import REPORT_FILE, export_folder, normalize_quant
+
+    normalize_quant(quant)  # an unavailable --quant fails before the model is loaded
+    result = export_folder(model_spec, out, quant=quant, opset=opset, validate=not no_validate,
+                           progress=_progress, overwrite=overwrite)
+    click.echo(f"wrote {out} ({result['total_bytes'] / 2**20:.1f} MiB, {quant})")
+    report = result["report"]
+    if report is not None:
+        click.echo(f"validation passed: max logit difference {report['logits_max_abs_diff']:.2e}, greedy agreement "
+                   f"{report['greedy_agreement']:.0%} over {report['greedy_tokens']} tokens ({Path(out) / REPORT_FILE})")
+
+
+@main.command("inspect")
+@click.argument("export_dir", type=click.Path())
+def inspect_command(export_dir):
+    """Show an export folder: graphs, inputs/outputs with shapes, file sizes, dtype, quantization.
+
+    \b
+    Example:
+      pgexport inspect exports/pg-224
+    """
+    from .onnx_files import describe_export
+
+    info = describe_export(export_dir)
+    m = info["manifest"]
+    click.echo(f"{info['folder']}: pgexport export, format {m['format_version']}, {m['model_type']}, dtype {m['dtype']}, "
+               f"quantization {m['quantization']}, opset {m['opset']}, {_size(info['total_bytes'])}")
+    click.echo(f"  decoder: {m['num_layers']} layers, {m['num_kv_heads']} KV heads x {m['head_dim']}, hidden "
+               f"{m['hidden_size']}, vocab {m['vocab_size']}, context {m.get('max_position_embeddings')}")
+    click.echo(f"  image: {m['image_size']} px -> {m['num_image_tokens']} tokens, mean {m['image_mean']}, std "
+               f"{m['image_std']}; tokenizer {m['tokenizer']}; ids: image {m['image_token_id']}, bos "
+               f"{m['bos_token_id']}, eos {m['eos_token_id']}, pad {m['pad_token_id']}")
+    for key, g in info["graphs"].items():
+        data = ", ".join(f"{name} {_size(size)}" for name, size in g["data_files"].items()) or "no external data"
+        click.echo(f"{key}: {g['file']} {_size(g['bytes'])} + {data} ({g['external_tensors']} tensors), {g['nodes']} nodes")
+        for kind in ("inputs", "outputs"):
+            for name, dtype, dims in _collapse_layers(g[kind]):
+                click.echo(f"  {kind[:-1]:<6} {name:<34} {dtype:<8} [{', '.join(map(str, dims))}]")
+    click.echo("files: " + ", ".join(f"{name} {_size(size)}" for name, size in info["files"].items()))
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _collapse_layers(entries):
+    """past_key_values.{0..N-1}.key|value (same type and shape) as one line."""
+    import re
+
+    out, groups = [], {}
+    for name, dtype, dims in entries:
+        m = re.fullmatch(r"(past_key_values|present)\.(\d+)\.(key|value)", name)
+        if not m:
+            out.append((name, dtype, dims))
+            continue
+        key = (m.group(1), dtype, tuple(dims))
+        if key not in groups:
+            groups[key] = len(out)
+            out.append([m.group(1), dtype, dims, 0])
+        out[groups[key]][3] += 1
+    result = []
+    for entry in out:
+        if isinstance(entry, list):
+            prefix, dtype, dims, count = entry
+            result.append((f"{prefix}.{{0..{count // 2 - 1}}}.key|value", dtype, dims))
+        else:
+            result.append(entry)
+    return result
+
+
+# ----------------------------------------------------------------------------- dataset / finetune
+@main.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write (must be empty or absent).")
+@click.option("--seed", default=0, show_default=True, help="Random seed; the same seed writes the same files.")
+@click.option("--train", "n_train", default=2000, show_default=True, type=click.IntRange(min=0), help="Training images (4-5 examples each).")
+@click.option("--val", "n_val", default=100, show_default=True, type=click.IntRange(min=0), help="Validation images.")
+@click.option("--test", "n_test", default=200, show_default=True, type=click.IntRange(min=0), help="Test images.")
+@click.option("--size", default=224, show_default=True, type=click.IntRange(min=42), help="Image side in pixels.")
+def dataset(out, seed, n_train, n_val, n_test, size):
+    """Write the synthetic shapes dataset (captions, questions, detection) as JSONL + PNG.
+
+    Writes OUT/train.jsonl, val.jsonl, test.jsonl (one {"image", "prefix", "suffix", "task"}
+    object per line, image paths relative to OUT) and OUT/images/. Tasks: "caption en",
+    "answer en <colour|count|position question>", "detect <shape>" with <locNNNN> boxes.
+
+    \b
+    Example:
+      pgexport dataset --out shapes --seed 0 --train 2000 --val 100 --test 200
+    """
+    from .dataset import write_dataset
+
+    paths = write_dataset(out, seed=seed, train=n_train, val=n_val, test=n_test, size=size, progress=_progress)
+    for split, path in paths.items():
+        click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.option("--model", "model_spec", default=None, help="Checkpoint folder or preset to start from (default: the built-in model).")
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Training JSONL ({image, prefix, suffix} per line).")
+@click.option("--val-data", default=None, type=click.Path(dir_okay=False), help="Validation JSONL (default: val.jsonl beside --data, if any).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (model + OUT/checkpoint for resuming).")
+@click.option("--epochs", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--max-steps", default=None, type=click.IntRange(min=1), help="Stop after this many steps (overrides --epochs).")
+@click.option("--lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--warmup-steps", default=None, type=click.IntRange(min=0), help="Linear warm-up steps (default: 5% of the steps).")
+@click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--grad-clip", default=1.0, show_default=True, type=click.FloatRange(min=0), help="Max gradient norm (0 = off).")
+@click.option("--freeze-vision", is_flag=True, help="Keep the SigLIP tower fixed (the projector still trains).")
+@click.option("--freeze-embeddings", is_flag=True, help="Keep the tied token embedding / LM head fixed.")
+@click.option("--eval-every", default=None, type=click.IntRange(min=1), help="Validate (and checkpoint) every N steps.")
+@click.option("--eval-examples", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--save-every", default=None, type=click.IntRange(min=1), help="Checkpoint every N steps (default: --eval-every).")
+@click.option("--seed", default=0, show_default=True, help="Data-order seed.")
+@click.option("--group-by-image", is_flag=True, help="Batch the examples of an image together (each image encoded once per step).")
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint if it exists.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (bf16 autocast on cuda).")
+def finetune(model_spec, data, val_data, out, epochs, max_steps, lr, batch_size, warmup_steps, weight_decay, grad_clip,
+             freeze_vision, freeze_embeddings, eval_every, eval_examples, save_every, seed, group_by_image, resume, device):
+    """Fine-tune a model on JSONL data; the loss covers the suffix only (prefix-LM).
+
+    Writes OUT/ in the Hugging Face layout (config.json, model.safetensors, tokenizer.json,
+    preprocessor_config.json), OUT/checkpoint/ (weights, AdamW state, step: safetensors + JSON)
+    and OUT/train_log.jsonl. Validation reports exact match and detection IoU.
+
+    \b
+    Example:
+      pgexport dataset --out shapes
+      pgexport finetune --data shapes/train.jsonl --out tuned --epochs 1 --lr 1e-4 --batch-size 8 --eval-every 200
+      pgexport generate --model tuned --image shapes/images/test_000000.png --prompt "detect circle"
+    """
+    from .api import default_model
+    from .finetune import TrainConfig
+    from .finetune import finetune as run_finetune
+
+    if val_data is None and (Path(data).parent / "val.jsonl").is_file() and Path(data).name != "val.jsonl":
+        val_data = str(Path(data).parent / "val.jsonl")
+    config = TrainConfig(epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, warmup_steps=warmup_steps,
+                         weight_decay=weight_decay, grad_clip=grad_clip, freeze_vision=freeze_vision,
+                         freeze_embeddings=freeze_embeddings, eval_every=eval_every, eval_examples=eval_examples,
+                         save_every=save_every, seed=seed, group_by_image=group_by_image, device=device)
+    run_finetune(model_spec or default_model(), data, out, val_data=val_data, config=config, resume=resume,
+                 progress=lambda m: click.echo(m, err=True))
 
 
 if __name__ == "__main__":

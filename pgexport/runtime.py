@@ -1,0 +1,418 @@
+"""Run an export folder with ONNX Runtime: `OnnxPaliGemma` (numpy + onnxruntime, no torch).
+
+    >>> from pgexport.runtime import OnnxPaliGemma
+    >>> from pgexport import Sampling
+    >>> model = OnnxPaliGemma("exports/paligemma-3b-pt-224")  # doctest: +SKIP
+    >>> model.generate([image], ["caption en"], max_new_tokens=32)  # doctest: +SKIP
+    ['a cat sitting on a sofa']
+
+The step API is for applications that drive decoding themselves (streaming, their own sampling,
+batching):
+
+    >>> batch = model.processor(images=[image], prompts=["caption en"])  # doctest: +SKIP
+    >>> features = model.encode_image(batch["pixel_values"])  # doctest: +SKIP
+    >>> logits, past = model.prefill(batch["input_ids"], features, batch["attention_mask"])  # doctest: +SKIP
+    >>> mask = np.concatenate([batch["attention_mask"], np.ones((1, 1), np.int64)], axis=1)  # doctest: +SKIP
+    >>> logits, past = model.decode(logits.argmax(-1)[:, None], mask, past)  # doctest: +SKIP
+
+`past` is a list of `2 * num_layers` `onnxruntime.OrtValue`s (`past_key_values.{i}.key|value`,
+`[batch, kv_heads, seq, head_dim]`), kept where the graphs run: on the GPU with
+`provider="cuda"` (bound with I/O binding, so only the logits come back to the host each step).
+`OrtValue.numpy()` copies one to the host; numpy arrays are accepted as `past` too.
+
+Memory. prefill.onnx and decode.onnx share one data file (`decoder.onnx.data`). Opened the usual
+way, each ONNX Runtime session reads it into its own memory and then *prepacks* the MatMul
+weights (a blocked copy for its GEMM kernels), so a loaded fp32 export holds about 3x its weight
+bytes. `share_weights` chooses:
+
+* `True` (default) = `"buffers"` on CPU: each data file is memory-mapped once and handed to the
+  sessions (`add_external_initializers_from_files_in_memory` with
+  `session.use_external_initializer_file_buffers_directly=1`), prepacking off
+  (`session.disable_prepacking=1`): one physical, file-backed copy of the weights (the page
+  cache's, shared with other processes that map the same folder). The price: the GEMMs pack the
+  weights on the fly. Measured (fp32, hidden 512, 4 layers, 1 thread): decode at batch 1 as fast
+  (a GEMV needs no packing), at batch 4 ~1.7x slower, prefill ~1.4x slower.
+* `True` = `"initializers"` on CUDA: each decoder weight is uploaded to the GPU once and the same
+  device buffer is given to both sessions (`add_initializer`). (On CPU, `"initializers"` makes one
+  private in-memory copy shared the same way, prepacking off.)
+* `False`: ONNX Runtime loads each graph itself and prepacks (fastest on CPU, ~3x the memory).
+
+Thread safety: sessions are shared, per-call state (KV cache, mask) lives in each call, so
+`generate` may be called from several threads at once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import PgExportError
+from .generation import Sampling, generate_tokens
+from .manifest import Manifest, read_manifest
+from .onnx_files import ExternalRef, check_external_data, load_graph_proto
+
+VISION_INPUTS = ["pixel_values"]
+VISION_OUTPUTS = ["image_features"]
+PREFILL_INPUTS = ["input_ids", "image_features", "attention_mask"]
+
+_NP_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+}
+# onnx.TensorProto data types that numpy can view directly (for sharing initializers on CUDA)
+_ONNX_NP = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64,
+            10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
+# Initializers smaller than this are left to ONNX Runtime on CUDA (shape constants and the like
+# may be placed on the CPU, where a device copy could not be used).
+_SHARE_MIN_BYTES = 1024
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as e:  # pragma: no cover - a base dependency
+        raise PgExportError(f"onnxruntime is not installed ({e}); pip install onnxruntime "
+                            "(or onnxruntime-gpu for CUDA)") from None
+    return onnxruntime
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+class OnnxPaliGemma:
+    """An export folder loaded into three ONNX Runtime sessions; see the module docstring.
+
+    Arguments:
+        export_dir: folder written by `pgexport onnx` / `export_folder` (holds pgexport.json).
+        provider: "cpu" or "cuda" (CUDAExecutionProvider, needs onnxruntime-gpu).
+        threads: intra-op threads per session (None: ONNX Runtime's default, one per core).
+        share_weights: True (default): one copy of the weights for all sessions ("buffers":
+            memory-mapped files on CPU, prepacking off; "initializers" on CUDA); False: ONNX
+            Runtime copies and prepacks per session (faster CPU decode, ~3x the memory).
+        device_id: CUDA device index.
+        log_level: ONNX Runtime log severity (0 verbose .. 4 fatal; default 3, errors only).
+    """
+
+    def __init__(self, export_dir: str | os.PathLike, provider: str = "cpu", threads: int | None = None,
+                 share_weights: bool | str = True, device_id: int = 0, log_level: int = 3):
+        ort = _ort()
+        self.export_dir = Path(export_dir)
+        self.manifest: Manifest = read_manifest(self.export_dir)
+        self.provider = provider.lower()
+        if self.provider not in ("cpu", "cuda"):
+            raise PgExportError(f"unknown provider {provider!r}; use 'cpu' or 'cuda'")
+        if self.provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise PgExportError("provider='cuda' was requested but this onnxruntime has no CUDAExecutionProvider "
+                                f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
+                                "or use provider='cpu'")
+        if threads is not None and threads < 1:
+            raise PgExportError(f"threads must be >= 1 (or None for one per core), got {threads}")
+        self.threads, self.share_weights, self.device_id = threads, share_weights, device_id
+        self._log_level = log_level
+        self._device = ("cuda", device_id) if self.provider == "cuda" else ("cpu", 0)
+        m = self.manifest
+        self._past_names, self._present_names = m.past_names(), m.present_names()
+
+        # 1. Every graph is read (without its data) and checked before any session opens it:
+        #    readable, external data inside the folder and long enough, inputs/outputs as promised.
+        paths = {key: self.export_dir / name for key, name in m.graphs.items()}
+        refs: dict[str, list[ExternalRef]] = {}
+        expected_io = {
+            "vision_encoder": (VISION_INPUTS, VISION_OUTPUTS),
+            "prefill": (PREFILL_INPUTS, ["logits", *self._present_names]),
+            "decode": (["input_ids", "attention_mask", *self._past_names], ["logits", *self._present_names]),
+        }
+        for key in ("vision_encoder", "prefill", "decode"):
+            proto = load_graph_proto(paths[key])
+            refs[key] = check_external_data(paths[key], proto)
+            init_names = {t.name for t in proto.graph.initializer}
+            inputs = [i.name for i in proto.graph.input if i.name not in init_names]
+            outputs = [o.name for o in proto.graph.output]
+            want_in, want_out = expected_io[key]
+            if inputs != want_in or outputs != want_out:
+                raise PgExportError(f"{paths[key]} is not the {key} graph that {m.graphs[key]!r} in pgexport.json "
+                                    f"promises (inputs {inputs[:4]}..., outputs {outputs[:3]}...); re-export the folder")
+            del proto
+
+        # 2. Sessions. Buffers handed to ONNX Runtime (memory maps, device weights) must outlive
+        #    the sessions: they are kept in self._maps / self._device_weights until close().
+        self._maps: dict[str, np.memmap] = {}
+        self._device_weights: dict[tuple, Any] = {}
+        self._owned_weights: list = []
+        self.share_mode = share_mode = _share_mode(share_weights, self.provider)
+        self.vision = self._session(paths["vision_encoder"], refs["vision_encoder"],
+                                    share="buffers" if share_mode == "buffers" else None)
+        self.prefill_session = self._session(paths["prefill"], refs["prefill"], share=share_mode)
+        self.decode_session = self._session(paths["decode"], refs["decode"], share=share_mode)
+        if share_mode != "buffers":
+            self._maps.clear()  # only read to make the shared initializers: unmap the files
+
+        types = {i.name: i.type for i in self.vision.get_inputs()}
+        self._pixel_dtype = _NP_TYPES.get(types["pixel_values"], np.float32)
+        self._features_dtype = _NP_TYPES.get(
+            {i.name: i.type for i in self.prefill_session.get_inputs()}["image_features"], np.float32)
+        self._past_dtype = _NP_TYPES.get(
+            {i.name: i.type for i in self.decode_session.get_inputs()}[self._past_names[0]], np.float32)
+
+        from .processor import PaliGemmaProcessor
+        from .tokenizer import load_tokenizer
+
+        tok_path = self.export_dir / m.tokenizer
+        tokenizer = load_tokenizer(self.export_dir) if tok_path.name in ("tokenizer.json", "tokenizer.model") \
+            else _load_named_tokenizer(tok_path)
+        self.processor = PaliGemmaProcessor(tokenizer, image_size=m.image_size, num_image_tokens=m.num_image_tokens,
+                                            mean=tuple(m.image_mean), std=tuple(m.image_std), resample=m.image_resample)
+        for name, want in (("<image>", m.image_token_id), ("<bos>", m.bos_token_id), ("<eos>", m.eos_token_id)):
+            got = tokenizer.token_to_id(name)
+            if got != want:
+                raise PgExportError(f"{tok_path}: {name} is id {got} but pgexport.json says {want}; "
+                                    "the tokenizer does not belong to this export, re-export the folder")
+
+    # ------------------------------------------------------------------ sessions
+    def _providers(self):
+        if self.provider == "cuda":
+            return [("CUDAExecutionProvider", {"device_id": str(self.device_id)}), "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+
+    def _memmap(self, folder: Path, location: str) -> np.memmap | None:
+        if location not in self._maps:
+            path = folder / location
+            self._maps[location] = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else None
+        return self._maps[location]
+
+    def _session(self, path: Path, refs: list[ExternalRef], share: str | None):
+        ort = _ort()
+        so = ort.SessionOptions()
+        so.log_severity_level = self._log_level
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.inter_op_num_threads = 1
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+        if share == "buffers":
+            # One memory map per data file, handed to every session that reads it; ONNX Runtime uses
+            # the mapped bytes in place (no copy) and does not prepack (which would copy again).
+            names, buffers, lengths = [], [], []
+            for location in sorted({r.location for r in refs}):
+                mm = self._memmap(path.parent, location)
+                if mm is not None:
+                    names.append(location)
+                    buffers.append(mm)
+                    lengths.append(mm.nbytes)
+            if names:
+                so.add_external_initializers_from_files_in_memory(names, buffers, lengths)
+                so.add_session_config_entry("session.use_external_initializer_file_buffers_directly", "1")
+            so.add_session_config_entry("session.disable_prepacking", "1")
+        elif share == "initializers":
+            # Each large weight becomes one OrtValue on the session's device, given to every session
+            # that names it (AddInitializer). ORT only uses it where the session planned that device
+            # (else it logs a warning and loads its own copy); smaller tensors stay with ORT.
+            for ref in refs:
+                np_type = _ONNX_NP.get(ref.data_type)
+                if (ref.initializer and np_type is not None and ref.length >= _SHARE_MIN_BYTES
+                        and ref.length == np.dtype(np_type).itemsize * int(np.prod(ref.dims, dtype=np.int64))):
+                    so.add_initializer(ref.name, self._shared_initializer(path.parent, ref))
+            if self.provider == "cpu":
+                so.add_session_config_entry("session.disable_prepacking", "1")
+        try:
+            session = ort.InferenceSession(str(path), so, providers=self._providers())
+        except Exception as e:  # ORT's errors are long, multi-line C++ messages
+            raise PgExportError(f"ONNX Runtime cannot load {path}: {_one_line(e)}; the file may be corrupt or from "
+                                "an incompatible export, re-export the folder") from None
+        if self.provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+            raise PgExportError(f"ONNX Runtime could not run {path.name} on CUDA (it fell back to "
+                                f"{session.get_providers()}); check the CUDA/cuDNN install, or use provider='cpu'")
+        return session
+
+    def _shared_initializer(self, folder: Path, ref: ExternalRef):
+        """The OrtValue of one external tensor on this model's device, created once per distinct bytes."""
+        ort = _ort()
+        key = (ref.location, ref.offset, ref.length, ref.data_type, ref.dims)
+        value = self._device_weights.get(key)
+        if value is None:
+            np_type = _ONNX_NP[ref.data_type]
+            count = ref.length // np.dtype(np_type).itemsize
+            host = np.frombuffer(self._memmap(folder, ref.location), dtype=np_type, count=count, offset=ref.offset)
+            host = np.array(host.reshape(ref.dims))  # private, aligned, writable
+            # On CUDA, ORT allocates and owns a device buffer (the one upload; `host` is then freed);
+            # on CPU the OrtValue wraps `host` (and keeps it alive).
+            owned = ort.OrtValue.ortvalue_from_numpy(host, *self._device)
+            # AddInitializer only takes buffers ORT does not own: a DLPack view of the same memory
+            # is one (same pointer, no copy). `owned` is kept alive beside it until close().
+            value = ort.OrtValue.from_dlpack(owned)
+            self._device_weights[key] = value
+            self._owned_weights.append(owned)
+        return value
+
+    @property
+    def providers(self) -> list[str]:
+        return self.decode_session.get_providers()
+
+    def close(self) -> None:
+        """Release the sessions, then the buffers they read from."""
+        for name in ("vision", "prefill_session", "decode_session"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self._device_weights.clear()
+        self._owned_weights.clear()
+        self._maps.clear()
+
+    def __enter__(self) -> OnnxPaliGemma:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"OnnxPaliGemma({str(self.export_dir)!r}, provider={self.provider!r}, dtype={m.dtype}, "
+                f"quantization={m.quantization!r}, layers={m.num_layers}, share_weights={self.share_weights})")
+
+    # ------------------------------------------------------------------ step API
+    def _value(self, x, dtype):
+        """An OrtValue stays as it is; anything else becomes a contiguous numpy array of `dtype`."""
+        if isinstance(x, _ort().OrtValue):
+            return x
+        return np.ascontiguousarray(np.asarray(x), dtype=dtype)
+
+    def _bind_input(self, binding, name: str, x) -> None:
+        if isinstance(x, np.ndarray):
+            binding.bind_cpu_input(name, x)  # copied to the device when the session runs on CUDA
+        else:
+            binding.bind_ortvalue_input(name, x)
+
+    def encode_image(self, pixel_values, keep_on_device: bool = False):
+        """pixel_values `[B, 3, size, size]` -> image_features `[B, num_image_tokens, hidden]`.
+
+        Returns numpy, or with `keep_on_device` the OrtValue where the session ran (no copy).
+        """
+        pixels = self._value(pixel_values, self._pixel_dtype)
+        shape = pixels.shape() if callable(getattr(pixels, "shape", None)) else pixels.shape
+        size = self.manifest.image_size
+        if len(shape) != 4 or tuple(shape[1:]) != (3, size, size):
+            raise PgExportError(f"pixel_values has shape {list(shape)}; expected [batch, 3, {size}, {size}] "
+                                "(use model.processor to prepare images)")
+        binding = self.vision.io_binding()
+        self._bind_input(binding, "pixel_values", pixels)
+        binding.bind_output("image_features", *self._device)
+        self.vision.run_with_iobinding(binding)
+        features = binding.get_outputs()[0]
+        return features if keep_on_device else features.numpy()
+
+    def _run_decoder(self, session, inputs: dict[str, Any]):
+        binding = session.io_binding()
+        for name, x in inputs.items():
+            self._bind_input(binding, name, x)
+        binding.bind_output("logits", "cpu")  # the only per-step copy to the host
+        for name in self._present_names:
+            binding.bind_output(name, *self._device)  # the cache stays where the session runs
+        session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        logits = outputs[0].numpy()
+        if logits.dtype != np.float32:
+            logits = logits.astype(np.float32)
+        return logits, list(outputs[1:])
+
+    def prefill(self, input_ids, image_features, attention_mask):
+        """The whole prompt -> (logits `[B, vocab]` float32 of each row's last real token, past).
+
+        `input_ids`/`attention_mask`: int64 `[B, S]` (left or right padding; `<image>` ids where
+        the image features go). `past`: `2 * num_layers` OrtValues `[B, kv_heads, S, head_dim]`.
+        """
+        ids = self._value(input_ids, np.int64)
+        mask = self._value(attention_mask, np.int64)
+        if isinstance(ids, np.ndarray) and isinstance(mask, np.ndarray) and (ids.ndim != 2 or ids.shape != mask.shape):
+            raise PgExportError(f"input_ids {list(ids.shape)} and attention_mask {list(mask.shape)} must both be [batch, seq]")
+        feats = self._value(image_features, self._features_dtype)
+        return self._run_decoder(self.prefill_session, {"input_ids": ids, "image_features": feats, "attention_mask": mask})
+
+    def decode(self, input_ids, attention_mask, past: Sequence):
+        """One token per row -> (logits `[B, vocab]` float32, present with one more slot).
+
+        `input_ids` `[B, 1]` (or `[B]`), `attention_mask` `[B, past + 1]` (the prompt's mask with
+        a 1 appended per decoded token), `past` as returned by `prefill` / the previous `decode`.
+        """
+        ids = self._value(input_ids, np.int64)
+        if isinstance(ids, np.ndarray) and ids.ndim == 1:
+            ids = ids[:, None]
+        mask = self._value(attention_mask, np.int64)
+        if len(past) != len(self._past_names):
+            raise PgExportError(f"past has {len(past)} tensors; this model needs {len(self._past_names)} "
+                                f"(key and value of {self.manifest.num_layers} layers)")
+        feed = {"input_ids": ids, "attention_mask": mask}
+        feed.update({name: self._value(p, self._past_dtype) for name, p in zip(self._past_names, past)})
+        return self._run_decoder(self.decode_session, feed)
+
+    # ------------------------------------------------------------------ generation
+    def stepper(self) -> _Stepper:
+        """A fresh `pgexport.generation.Stepper` over this model (holds one call's KV cache)."""
+        return _Stepper(self)
+
+    def generate_ids(self, input_ids, attention_mask, pixel_values, max_new_tokens: int = 32,
+                     sampling: Sampling | None = None) -> np.ndarray:
+        """New token ids `[B, n]` for processor outputs (rows that hit eos are padded after it)."""
+        m = self.manifest
+        return generate_tokens(self.stepper(), np.asarray(input_ids, np.int64), np.asarray(attention_mask, np.int64),
+                               np.asarray(pixel_values), max_new_tokens, m.eos_token_id, m.pad_token_id, sampling)
+
+    def generate(self, images, prompts, max_new_tokens: int = 32, sampling: Sampling | None = None,
+                 padding_side: str = "left") -> list[str]:
+        """Text for each (image, prompt) pair (one image may serve all prompts); greedy by default."""
+        context = self.manifest.max_position_embeddings
+        if context is not None and max_new_tokens >= context:
+            raise PgExportError(f"max_new_tokens={max_new_tokens} does not fit the model's context of {context} "
+                                "tokens (prompt included); ask for fewer new tokens")
+        batch = self.processor(images=images, prompts=prompts, padding_side=padding_side,
+                               max_length=None if context is None else context - max_new_tokens)
+        ids = self.generate_ids(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                max_new_tokens, sampling)
+        return self.processor.batch_decode(ids, skip_special_tokens=True)
+
+
+def _share_mode(share_weights: bool | str, provider: str) -> str | None:
+    """share_weights -> how: "buffers" (CPU default), "initializers" (CUDA default), None (no sharing)."""
+    if share_weights is False or share_weights is None:
+        return None
+    if share_weights is True:
+        return "buffers" if provider == "cpu" else "initializers"
+    if share_weights == "buffers" and provider != "cpu":
+        raise PgExportError("share_weights='buffers' (memory-mapped data files) is for provider='cpu'; "
+                            "use share_weights=True or 'initializers' on CUDA")
+    if share_weights not in ("buffers", "initializers"):
+        raise PgExportError(f"share_weights={share_weights!r}; use True, False, 'buffers' or 'initializers'")
+    return share_weights
+
+
+class _Stepper:
+    """One generation call's state (KV cache and mask) over a shared `OnnxPaliGemma`."""
+
+    def __init__(self, model: OnnxPaliGemma):
+        self.model = model
+        self.past: list | None = None
+        self.mask: np.ndarray | None = None
+
+    def prefill(self, input_ids, attention_mask, pixel_values, max_new_tokens: int) -> np.ndarray:
+        features = self.model.encode_image(pixel_values, keep_on_device=True)
+        self.mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        logits, self.past = self.model.prefill(input_ids, features, self.mask)
+        return logits
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        tokens = np.asarray(tokens, np.int64).reshape(-1, 1)
+        self.mask = np.concatenate([self.mask, np.ones((len(tokens), 1), np.int64)], axis=1)
+        logits, self.past = self.model.decode(tokens, self.mask, self.past)
+        return logits
+
+
+def _load_named_tokenizer(path: Path):
+    """A tokenizer file with a non-standard name (the manifest's `tokenizer` field)."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise PgExportError(f"cannot read the tokenizer {path}: {_one_line(e)}; re-copy the export folder") from None
