@@ -1,0 +1,1 @@
+"""Benchmark scripts (run from the repository root, e.g. `python benchmarks/bench_eager.py`)."""
