@@ -31,8 +31,13 @@ def sample_image():
 
 
 def default_model() -> str:
-    """The built-in model used when no `--model` is given: the smallest preset, random weights."""
-    return "paligemma-tiny"
+    """The built-in model used when no `--model` is given: the demo model shipped in the package
+    (`pgexport/assets/demo/`, trained from scratch on the synthetic shapes data by
+    `examples/train_demo.py`; see `pgexport.demo`)."""
+    from .demo import DEMO_DIR
+
+    # A source checkout where the demo has not been trained yet falls back to the random preset.
+    return str(DEMO_DIR) if (DEMO_DIR / "config.json").is_file() else "paligemma-tiny"
 
 
 def torch_dtype(name: str):
@@ -79,6 +84,12 @@ def load_model(path_or_preset: str | Path | None = None, dtype: str = "float32",
     spec = str(path_or_preset or default_model())
     dt, dev = torch_dtype(dtype), _resolve_device(device)
     if Path(spec).is_dir():
+        from .quanto_backend import is_quantized_folder, load_quantized
+
+        if is_quantized_folder(spec):  # written by `pgexport quantize` (optimum-quanto int8 / int4)
+            if dt != torch_dtype("float32"):
+                raise PgExportError(f"{spec} is quantized (optimum-quanto); it runs with --dtype float32 only")
+            return load_quantized(spec, device=dev)
         return load_checkpoint(spec, dtype=dt, device=dev)
     if spec in PRESETS:
         return PaliGemma.random(PaliGemmaConfig.from_preset(spec), seed=seed, dtype=dt).to(dev)

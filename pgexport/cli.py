@@ -37,6 +37,36 @@ class _Group(click.Group):
             sys.exit(130)
 
 
+class _OneLineUsage(click.Command):
+    """A command whose usage errors (a bad option value) are one line: "Error: ... (see --help)"."""
+
+    @staticmethod
+    def _one_line(e: click.UsageError, ctx: click.Context | None) -> click.UsageError:
+        ctx = e.ctx or ctx
+        if ctx is not None:
+            e.message = f"{e.message} (see '{ctx.command_path} --help')"
+        e.ctx = None  # click prints the usage block above the error when it has a context
+        return e
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            raise self._one_line(e, None) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            raise self._one_line(e, ctx) from None
+
+
+def _block_size(ctx, param, value):
+    if value is not None and (value < 16 or value & (value - 1)):
+        raise click.BadParameter(f"{value} is not a power of two >= 16 (16, 32, 64, 128, ...)", ctx=ctx, param=param)
+    return value
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
@@ -168,15 +198,32 @@ def _progress(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------- onnx / inspect
-@main.command("onnx")
+@main.command("onnx", cls=_OneLineUsage)
 @click.option("--model", "model_spec", default=None, help="Checkpoint folder or preset (default: the built-in model).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Export folder to write (must be empty or absent).")
-@click.option("--quant", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="Weights and activations: fp32, or fp16 (half the size; Gemma 2 may lose accuracy).")
+@click.option("--quant", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="fp32", show_default=True,
+              help="fp32; fp16 (half the size; Gemma 2 may lose accuracy); int8 / int4: float32 graphs with "
+                   "block-quantized weights (linear layers, embedding and tied head).")
+@click.option("--block-size", type=int, default=None, callback=_block_size,
+              help="int8/int4: weights per quantization block, a power of two >= 16 (default: 32 for int4, 128 for int8).")
+@click.option("--symmetric/--asymmetric", default=None,
+              help="int8/int4: symmetric blocks (no zero points) or a zero point per block (default: int8 symmetric, "
+                   "int4 asymmetric).")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
+              help="int8/int4: MatMulNBits accuracy_level, 0 (unset) .. 4 (int8 activations, fastest on CPU; default 4).")
+@click.option("--int8-format", type=click.Choice(["nbits", "dynamic"]), default=None,
+              help="int8: linear layers as MatMulNBits (CPU and CUDA) or DynamicQuantizeMatMul (fastest on CPU); "
+                   "default: dynamic for --target cpu, nbits for cuda.")
+@click.option("--head-bits", type=click.Choice(["4", "8"]), default=None,
+              help="Bits of the shared embedding / LM-head table (default: those of --quant; 8 keeps the head "
+                   "accurate in an int4 export).")
+@click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="int8/int4: the provider the export is meant for (picks the int8 format).")
 @click.option("--opset", type=click.IntRange(min=18), default=None, help="ONNX opset (default: the exporter's, 20).")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check (export_report.json).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (only once the new one is complete).")
-def onnx_command(model_spec, out, quant, opset, no_validate, overwrite):
+def onnx_command(model_spec, out, quant, block_size, symmetric, accuracy_level, int8_format, head_bits, target, opset,
+                 no_validate, overwrite):
     """Export to a self-contained ONNX folder (three graphs, manifest, tokenizer).
 
     Writes OUT/pgexport.json, vision_encoder.onnx, prefill.onnx, decode.onnx with their .data
@@ -184,21 +231,49 @@ def onnx_command(model_spec, out, quant, opset, no_validate, overwrite):
     on a sample and compares with PyTorch (OUT/export_report.json). The folder runs without
     pgexport's PyTorch side: `pgexport generate --backend onnx --model OUT`.
 
+    With --quant int8 / int4 the weights are quantized after export (MatMulNBits /
+    DynamicQuantizeMatMul for the linear layers, GatherBlockQuantized + MatMulNBits on one shared
+    table for the embedding and tied head) and the validation gates on accuracy against fp32
+    PyTorch (teacher-forced top-1 agreement, KL divergence, logit cosine).
+
     \b
     Example:
       pgexport onnx --model paligemma-3b-pt-224 --out exports/pg-224
       pgexport onnx --model my-finetuned --out exports/ft --quant fp16 --no-validate
+      pgexport onnx --model paligemma-3b-pt-224 --out exports/pg-int4 --quant int4 --block-size 32
     """
-    from .exporters.pipeline import REPORT_FILE, export_folder, normalize_quant
+    from .exporters.pipeline import INT_QUANTS, REPORT_FILE, export_folder, normalize_quant
 
+    options = {"block_size": block_size, "symmetric": symmetric, "accuracy_level": accuracy_level,
+               "int8_format": int8_format, "head_bits": int(head_bits) if head_bits else None}
+    given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v is not None]
+    if quant not in INT_QUANTS and given:
+        raise click.UsageError(f"{', '.join(given)}: only for --quant int8 / int4, not --quant {quant}")
+    if quant == "int4" and int8_format is not None:
+        raise click.UsageError("--int8-format applies to --quant int8")
+    if quant == "int8" and head_bits == "4":
+        raise click.UsageError("--head-bits 4 with --quant int8: the table cannot have fewer bits than the layers")
     normalize_quant(quant)  # an unavailable --quant fails before the model is loaded
+    quant_options = {k: v for k, v in options.items() if v is not None}
+    if quant in INT_QUANTS:
+        quant_options["target"] = target
     result = export_folder(model_spec, out, quant=quant, opset=opset, validate=not no_validate,
-                           progress=_progress, overwrite=overwrite)
+                           progress=_progress, overwrite=overwrite, quant_options=quant_options or None)
     click.echo(f"wrote {out} ({result['total_bytes'] / 2**20:.1f} MiB, {quant})")
+    q = result.get("quantization")
+    if q:
+        click.echo(f"quantized: {q['bytes_after'] / 2**20:.1f} MiB of graphs and weights, "
+                   f"{q['bytes_after'] / q['bytes_before']:.3f}x the fp32 export")
     report = result["report"]
     if report is not None:
+        extra = ""
+        if report.get("gates"):
+            qual = report["quality"]
+            extra = (f", teacher-forced top-1 agreement {qual['top1_agreement']:.1%}, mean KL {qual['mean_kl']:.2e}, "
+                     f"logit cosine {qual['mean_cosine']:.4f}")
         click.echo(f"validation passed: max logit difference {report['logits_max_abs_diff']:.2e}, greedy agreement "
-                   f"{report['greedy_agreement']:.0%} over {report['greedy_tokens']} tokens ({Path(out) / REPORT_FILE})")
+                   f"{report['greedy_agreement']:.0%} over {report['greedy_tokens']} tokens{extra} "
+                   f"({Path(out) / REPORT_FILE})")
 
 
 @main.command("inspect")
@@ -261,6 +336,32 @@ def _collapse_layers(entries):
         else:
             result.append(entry)
     return result
+
+
+# ----------------------------------------------------------------------------- quantize (PyTorch)
+@main.command("quantize", cls=_OneLineUsage)
+@click.option("--model", "model_spec", default=None, help="Checkpoint folder or preset (default: the built-in model).")
+@click.option("--quant", type=click.Choice(["int8", "int4"]), required=True, help="Weight type of the linear layers.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write (must be empty or absent).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (only once the new one is complete).")
+def quantize_command(model_spec, quant, out, overwrite):
+    """Quantize the linear layers for the PyTorch backend (optimum-quanto int8 / int4 weights).
+
+    Writes OUT/quantized_model.safetensors (no pickle), OUT/quantization_map.json, config.json,
+    the tokenizer and preprocessor config. `pgexport generate --model OUT` runs it (built on the
+    meta device: the float linear weights are never materialized). The embedding and the tied
+    LM head stay float32 (quanto has no quantized embedding). For ONNX Runtime use
+    `pgexport onnx --quant int8|int4` on the float checkpoint instead.
+
+    \b
+    Example:
+      pgexport quantize --model paligemma-3b-pt-224 --quant int8 --out pg-int8
+      pgexport generate --model pg-int8 --prompt "caption en"
+    """
+    from .quanto_backend import quantize_checkpoint
+
+    quantize_checkpoint(model_spec, out, quant=quant, overwrite=overwrite, progress=_progress)
+    click.echo(f"wrote {out} ({quant}, optimum-quanto)")
 
 
 # ----------------------------------------------------------------------------- dataset / finetune

@@ -1,0 +1,132 @@
+"""Train the built-in demo model from scratch on the synthetic shapes data (CPU, ~20 min).
+
+    python examples/train_demo.py                       # writes pgexport/assets/demo/
+    python examples/train_demo.py --steps 100 --out /tmp/demo-try   # a quick trial
+
+Steps: generate the dataset (seed 0), build a random `demo_config()` PaliGemma with the
+512-token stand-in tokenizer, train it with `pgexport.finetune` (the same recipe as
+`pgexport finetune`), evaluate on a fresh test set drawn with another seed (1234), and write the
+model in the Hugging Face layout plus a few sample images. Everything is seeded; on another
+machine the numbers can differ in the last digits (floating-point summation order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pgexport.dataset import make_examples, render, write_dataset
+from pgexport.demo import DEMO_BASE_VOCAB, DEMO_DIR, demo_config
+from pgexport.finetune import TrainConfig, evaluate, finetune
+from pgexport.dataset import read_jsonl
+from pgexport.models import PaliGemma
+from pgexport.processor import PaliGemmaProcessor
+from pgexport.tokenizer import build_paligemma_tokenizer
+
+TEST_SEED = 1234  # the fresh test set: another seed than the training data
+
+
+def smooth_loc_embeddings_(model: PaliGemma, std: float = 0.02) -> None:
+    """Initialise the 1024 `<locNNNN>` embeddings with sinusoids of the bin index, so that
+    neighbouring bins start with similar embeddings (and, through the tied head, similar logits).
+    A random init makes every bin an unrelated class, which a small model learns far slower."""
+    cfg = model.cfg
+    first_loc = DEMO_BASE_VOCAB
+    d = cfg.text.hidden_size
+    pos = torch.arange(1024, dtype=torch.float64)[:, None] / 1023  # [1024, 1] in [0, 1]
+    freqs = torch.logspace(0, 2.5, d // 2, dtype=torch.float64)[None] * torch.pi  # 1 .. ~316 half-turns
+    table = torch.cat([torch.sin(pos * freqs), torch.cos(pos * freqs)], dim=1)  # unit-variance-ish
+    table = table / table.std() * std
+    with torch.no_grad():
+        model.language_model.embed_tokens.weight[first_loc:first_loc + 1024] = table.to(torch.float32)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(DEMO_DIR), help="model folder to write (default: the packaged demo)")
+    ap.add_argument("--work", default=None, help="folder for the dataset and checkpoints (default: a temp dir)")
+    ap.add_argument("--train-images", type=int, default=4000)
+    ap.add_argument("--val-images", type=int, default=60)
+    ap.add_argument("--test-images", type=int, default=100, help="images of the fresh test set (seed 1234)")
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
+    ap.add_argument("--init-std", type=float, default=0.06,
+                    help="std of the random initial weights (0.02, usual for wide models, leaves this narrow "
+                         "model ignoring the image for hundreds of steps)")
+    ap.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"],
+                    help="dtype of the saved weights (float16: 4 MB; float32 would be 8.2 MB, over the 8 MB budget)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="pgexport-demo-"))
+    data = work / "data"
+    if not (data / "train.jsonl").is_file():
+        write_dataset(data, seed=args.seed, train=args.train_images, val=args.val_images, test=0, progress=print)
+    model_cfg = demo_config()
+    processor = PaliGemmaProcessor(build_paligemma_tokenizer(DEMO_BASE_VOCAB), image_size=model_cfg.vision.image_size,
+                                   num_image_tokens=model_cfg.num_image_tokens)
+    model = PaliGemma.random(model_cfg, seed=args.seed, std=args.init_std)
+    smooth_loc_embeddings_(model)
+    cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=0.01,
+                      warmup_steps=50, min_lr_ratio=0.02, seed=args.seed, log_every=20, group_by_image=True,
+                      eval_every=max(args.steps // 4, 1), eval_examples=150, max_new_tokens=40,
+                      device=args.device)
+    result = finetune(model, data / "train.jsonl", work / "run", val_data=data / "val.jsonl", processor=processor,
+                      config=cfg)
+    train_seconds = time.time() - t0
+
+    # Fresh test set from another seed; no scene of the training data may reappear.
+    test_dir = work / "test"
+    if not (test_dir / "test.jsonl").is_file():
+        write_dataset(test_dir, seed=TEST_SEED, train=0, val=0, test=args.test_images)
+    model = result["model"].eval().float().to("cpu")
+    if args.dtype != "float32":  # evaluate exactly the weights that are shipped (rounded, used in float32)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(getattr(torch, args.dtype)).float())
+    metrics, counts, _ = evaluate(model, processor, read_jsonl(test_dir / "test.jsonl"), batch_size=64,
+                                  max_new_tokens=40, return_predictions=True)
+    print("fresh test set (seed %d): " % TEST_SEED + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = work / "run"
+    if args.dtype != "float32":
+        from pgexport.models.checkpoint import save_checkpoint
+
+        save_checkpoint(model.to(getattr(torch, args.dtype)), out)  # exact: the values are already rounded
+    else:
+        for name in ("config.json", "model.safetensors"):
+            shutil.copy(run / name, out / name)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json"):
+        shutil.copy(run / name, out / name)
+    samples = out / "samples"
+    samples.mkdir(exist_ok=True)
+    for i, (scene, _) in enumerate(make_examples(seed=7, num_images=4, split="test")):
+        render(scene).save(samples / f"shapes_{i}.png")
+    (out / "training.json").write_text(json.dumps({
+        "command": "python examples/train_demo.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "train_images": args.train_images,
+        "train_examples": len(read_jsonl(data / "train.jsonl")), "train_minutes": round(train_seconds / 60, 1),
+        "weights_dtype": args.dtype, "test_seed": TEST_SEED, "test_counts": counts,
+        "test_metrics": {k: round(v, 4) for k, v in metrics.items()},
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }, indent=2) + "\n")
+    print(f"wrote {out} in {(time.time() - t0) / 60:.1f} min (training {train_seconds / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

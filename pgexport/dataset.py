@@ -1,0 +1,283 @@
+"""Synthetic "shapes" dataset in PaliGemma's prefix/suffix format (Pillow + NumPy, no torch).
+
+Each image shows 1-3 filled shapes (circle, square, triangle, diamond) in six colours on a plain
+mid-grey background. The image is divided into a 3 x 3 grid and every shape sits inside its own
+cell (random size and offset within the cell), so shapes never overlap and "where is ...?" has
+one answer. From each image come PaliGemma-style tasks:
+
+    caption en                              a red circle and a blue square
+    answer en what color is the circle?     red
+    answer en how many shapes are there?    two          (also "how many circles are there?")
+    answer en where is the red circle?      top left     (one of 9 grid cells)
+    detect circle                           <loc0012><loc0034><loc0300><loc0321> circle ; ...
+
+Objects are listed in reading order (grid rows top to bottom, then left to right) in captions
+and detections, so every target is unique. Boxes use `pgexport.detection.encode_box`, the
+format `parse_detections` reads.
+
+Everything is a pure function of the seed: `write_dataset(out, seed=0)` writes
+`train.jsonl`, `val.jsonl`, `test.jsonl` (one `{"image", "prefix", "suffix", "task"}` object a
+line, `image` relative to the JSONL file) and `images/*.png`. Each split draws from its own
+random stream (seed, split), and a generated scene that repeats one of an earlier split is
+skipped, so the splits never share an image.
+
+    >>> records = list(make_examples(seed=0, num_images=2))
+    >>> sorted({r.task for r in records}) == sorted(TASKS)
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .detection import encode_box, parse_detections
+from .errors import PgExportError
+
+IMAGE_SIZE = 224  # rendered side in pixels (the demo model resizes to 84)
+GRID = 3  # 3 x 3 cells, one shape per cell at most
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220),
+    "yellow": (240, 200, 0), "purple": (140, 50, 180), "orange": (250, 130, 0),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+NUMBERS = ("zero", "one", "two", "three")
+CELL_NAMES = (("top left", "top", "top right"), ("left", "center", "right"),
+              ("bottom left", "bottom", "bottom right"))
+TASKS = ("caption", "color", "count", "position", "detect")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Shape:
+    shape: str
+    colour: str
+    cell: tuple[int, int]  # (row, col) in the 3 x 3 grid
+    box: tuple[int, int, int, int]  # (x0, y0, x1, y1) pixels, exclusive right/bottom
+
+
+@dataclass
+class Scene:
+    shapes: list[Shape]  # in reading order
+    background: tuple[int, int, int]
+    size: int = IMAGE_SIZE
+
+    def key(self) -> str:
+        """Identity of the scene (same key = same image)."""
+        return repr((self.size, self.background, [(s.shape, s.colour, s.box) for s in self.shapes]))
+
+
+@dataclass
+class Example:
+    image: str  # path relative to the JSONL file (or absolute)
+    prefix: str
+    suffix: str
+    task: str
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"image": self.image, "prefix": self.prefix, "suffix": self.suffix, "task": self.task})
+
+
+# ---------------------------------------------------------------------------- scenes
+def random_scene(rng: np.random.Generator, size: int = IMAGE_SIZE) -> Scene:
+    """1-3 shapes in distinct grid cells, random shape/colour/size/offset, plain grey background."""
+    n = int(rng.integers(1, 4))
+    cells = sorted(int(c) for c in rng.choice(GRID * GRID, size=n, replace=False))  # reading order
+    cell_px = size / GRID
+    shapes = []
+    for c in cells:
+        row, col = divmod(c, GRID)
+        side = int(rng.integers(int(cell_px * 0.40), int(cell_px * 0.80) + 1))  # 29..59 px at 224
+        margin = 3
+        lo_x, lo_y = int(col * cell_px) + margin, int(row * cell_px) + margin
+        hi_x, hi_y = int((col + 1) * cell_px) - margin - side, int((row + 1) * cell_px) - margin - side
+        x0, y0 = int(rng.integers(lo_x, max(lo_x, hi_x) + 1)), int(rng.integers(lo_y, max(lo_y, hi_y) + 1))
+        shapes.append(Shape(SHAPES[int(rng.integers(len(SHAPES)))], list(COLOURS)[int(rng.integers(len(COLOURS)))],
+                            (row, col), (x0, y0, x0 + side, y0 + side)))
+    grey = int(rng.integers(90, 171))  # mid grey: the shapes, not the background, dominate the patch embeddings
+    return Scene(shapes, (grey, grey, grey), size)
+
+
+def render(scene: Scene) -> Image.Image:
+    """Draw a scene (RGB). Every shape touches all four sides of its box."""
+    image = Image.new("RGB", (scene.size, scene.size), scene.background)
+    draw = ImageDraw.Draw(image)
+    for s in scene.shapes:
+        x0, y0, x1, y1 = s.box
+        fill = COLOURS[s.colour]
+        # Pillow's outlines include the last pixel: draw to x1 - 1 so the box is [x0, x1).
+        if s.shape == "circle":
+            draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        elif s.shape == "square":
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        elif s.shape == "triangle":
+            draw.polygon([((x0 + x1 - 1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
+        elif s.shape == "diamond":
+            cx, cy = (x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2
+            draw.polygon([(cx, y0), (x1 - 1, cy), (cx, y1 - 1), (x0, cy)], fill=fill)
+    return image
+
+
+# ---------------------------------------------------------------------------- tasks
+def _plural(shape: str) -> str:
+    return shape + "s"
+
+
+def caption(scene: Scene) -> str:
+    """"a red circle", "a red circle and a blue square", "a red circle, a blue square and a ..."."""
+    parts = [f"a {s.colour} {s.shape}" for s in scene.shapes]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def detection_target(scene: Scene, shape: str) -> str:
+    return " ; ".join(f"{encode_box(s.box, scene.size, scene.size)} {s.shape}" for s in scene.shapes if s.shape == shape)
+
+
+def scene_tasks(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """(task, prefix, suffix) for one scene: a caption, one question of each kind, one detection."""
+    shapes = scene.shapes
+    out = [("caption", "caption en", caption(scene))]
+    # colour: of a shape that occurs once
+    unique_shapes = [s for s in shapes if sum(t.shape == s.shape for t in shapes) == 1]
+    if unique_shapes:
+        s = unique_shapes[int(rng.integers(len(unique_shapes)))]
+        out.append(("color", f"answer en what color is the {s.shape}?", s.colour))
+    # count: all shapes, or one kind (which may be absent: "zero")
+    if rng.random() < 0.5:
+        out.append(("count", "answer en how many shapes are there?", NUMBERS[len(shapes)]))
+    else:
+        kind = SHAPES[int(rng.integers(len(SHAPES)))]
+        out.append(("count", f"answer en how many {_plural(kind)} are there?", NUMBERS[sum(s.shape == kind for s in shapes)]))
+    # position: of a (colour, shape) that occurs once
+    unique = [s for s in shapes if sum((t.colour, t.shape) == (s.colour, s.shape) for t in shapes) == 1]
+    if unique:
+        s = unique[int(rng.integers(len(unique)))]
+        out.append(("position", f"answer en where is the {s.colour} {s.shape}?", CELL_NAMES[s.cell[0]][s.cell[1]]))
+    # detect: a shape that is present (every instance, reading order)
+    kind = shapes[int(rng.integers(len(shapes)))].shape
+    out.append(("detect", f"detect {kind}", detection_target(scene, kind)))
+    return out
+
+
+def _split_rng(seed: int, split: str) -> np.random.Generator:
+    return np.random.default_rng([int(seed), SPLITS.index(split) if split in SPLITS else 99])
+
+
+def make_examples(seed: int, num_images: int, split: str = "train", exclude: set[str] | None = None,
+                  size: int = IMAGE_SIZE) -> Iterator[tuple[Scene, list[tuple[str, str, str]]]]:
+    """Yield (scene, tasks) for `num_images` scenes of one split; scenes in `exclude` are skipped
+    (and the keys of the yielded scenes are added to it)."""
+    rng = _split_rng(seed, split)
+    exclude = set() if exclude is None else exclude
+    made = 0
+    while made < num_images:
+        scene = random_scene(rng, size)
+        key = scene.key()
+        if key in exclude:
+            continue
+        exclude.add(key)
+        made += 1
+        yield scene, scene_tasks(scene, rng)
+
+
+# ---------------------------------------------------------------------------- files
+def write_dataset(out: str | Path, seed: int = 0, train: int = 2000, val: int = 100, test: int = 200,
+                  size: int = IMAGE_SIZE, progress=None) -> dict[str, Path]:
+    """Write `images/` and `{train,val,test}.jsonl` under `out`; `train`/`val`/`test` count images
+    (each gives 4-5 examples). Returns the JSONL paths. Deterministic from `seed`."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise PgExportError(f"{out} exists and is not empty; choose another --out or remove it")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    seen: set[str] = set()
+    paths = {}
+    for split, n in (("train", train), ("val", val), ("test", test)):
+        path = out / f"{split}.jsonl"
+        with open(path, "w") as f:
+            for i, (scene, tasks) in enumerate(make_examples(seed, n, split, seen, size)):
+                rel = f"images/{split}_{i:06d}.png"
+                render(scene).save(out / rel, optimize=False)
+                for task, prefix, suffix in tasks:
+                    f.write(Example(rel, prefix, suffix, task).to_json() + "\n")
+        paths[split] = path
+        if progress:
+            progress(f"{split}: {n} images -> {path}")
+    (out / "README.txt").write_text(
+        f"pgexport synthetic shapes dataset, seed {seed}, images {size}x{size}.\n"
+        "Each line of {train,val,test}.jsonl: {image, prefix, suffix, task}; image paths are relative to this folder.\n")
+    return paths
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    """Read `{image, prefix, suffix[, task]}` lines; image paths are made absolute (relative to the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PgExportError(f"data file {path} not found; create one with `pgexport dataset --out DIR` or pass a JSONL file")
+    records = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                image, prefix, suffix = d["image"], d["prefix"], d["suffix"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise PgExportError(f"{path}:{n} is not a JSON object with image, prefix and suffix ({e}); fix the line") from None
+            full = image if os.path.isabs(image) else str(path.parent / image)
+            records.append(Example(full, prefix, suffix, d.get("task") or task_of(prefix)))
+    if not records:
+        raise PgExportError(f"{path} holds no examples")
+    return records
+
+
+def task_of(prefix: str) -> str:
+    """Task name from a prefix when the JSONL has none: 'detect', 'caption' or 'answer'."""
+    return prefix.split(" ", 1)[0] if prefix.split(" ", 1)[0] in ("detect", "caption", "segment", "ocr") else "answer"
+
+
+def file_digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------- metrics
+def box_iou(a, b) -> float:
+    """IoU of two (x0, y0, x1, y1) boxes."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def detection_iou(predicted: str, target: str, width: int = 1, height: int = 1) -> float:
+    """Mean IoU of one detection answer: boxes matched greedily by IoU (labels must agree);
+    the sum of matched IoUs is divided by max(#predicted, #target), so missing and extra boxes
+    both count as 0."""
+    pred = parse_detections(predicted, width, height)
+    gold = parse_detections(target, width, height)
+    if not gold and not pred:
+        return 1.0
+    pairs = sorted(((box_iou(p.box, g.box), i, j) for i, p in enumerate(pred) for j, g in enumerate(gold)
+                    if p.label == g.label), reverse=True)
+    used_p, used_g, total = set(), set(), 0.0
+    for iou, i, j in pairs:
+        if i not in used_p and j not in used_g:
+            used_p.add(i)
+            used_g.add(j)
+            total += iou
+    return total / max(len(pred), len(gold))
+
+
+def score(task: str, predicted: str, target: str) -> float:
+    """Detection IoU for `detect` tasks, exact match (after stripping) for the others."""
+    if task == "detect":
+        return detection_iou(predicted, target)
+    return float(predicted.strip() == target.strip())

@@ -1,0 +1,129 @@
+"""Synthetic shapes dataset: determinism, task format, split separation, metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pgexport.cli import main
+from pgexport.dataset import (CELL_NAMES, COLOURS, NUMBERS, SHAPES, TASKS, caption, detection_iou, file_digest,
+                              make_examples, read_jsonl, render, score, write_dataset)
+from pgexport.detection import parse_detections
+from pgexport.errors import PgExportError
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_files_other_seed_other_files(tmp_path):
+    a = _files(write_dataset(tmp_path / "a", seed=3, train=12, val=3, test=4)["train"].parent)
+    b = _files(write_dataset(tmp_path / "b", seed=3, train=12, val=3, test=4)["train"].parent)
+    c = _files(write_dataset(tmp_path / "c", seed=4, train=12, val=3, test=4)["train"].parent)
+    assert a == b
+    assert a["train.jsonl"] != c["train.jsonl"]
+    assert {k for k in a if k.startswith("images/")} == {f"images/{s}_{i:06d}.png" for s, n in
+                                                          (("train", 12), ("val", 3), ("test", 4)) for i in range(n)}
+
+
+def test_splits_and_seeds_share_no_image(tmp_path):
+    write_dataset(tmp_path / "a", seed=0, train=150, val=20, test=30)
+    write_dataset(tmp_path / "b", seed=1, train=0, val=0, test=60)
+    digests = {}
+    for folder, split in ((tmp_path / "a", "train"), (tmp_path / "a", "val"), (tmp_path / "a", "test"), (tmp_path / "b", "test")):
+        digests[(folder.name, split)] = {file_digest(r.image) for r in read_jsonl(folder / f"{split}.jsonl")}
+    keys = list(digests)
+    for i, k in enumerate(keys):
+        for j in keys[i + 1:]:
+            assert not digests[k] & digests[j], (k, j)
+
+
+def test_tasks_are_consistent_with_the_scene():
+    seen = set()
+    for scene, tasks in make_examples(seed=0, num_images=200):
+        shapes = scene.shapes
+        assert 1 <= len(shapes) <= 3
+        # shapes in distinct cells, inside the image, listed in reading order
+        assert [s.cell for s in shapes] == sorted({s.cell for s in shapes})
+        for s in shapes:
+            x0, y0, x1, y1 = s.box
+            assert 0 <= x0 < x1 <= scene.size and 0 <= y0 < y1 <= scene.size
+            cell = scene.size / 3
+            assert int(x0 // cell) == s.cell[1] == int((x1 - 1) // cell)
+            assert int(y0 // cell) == s.cell[0] == int((y1 - 1) // cell)
+        for task, prefix, suffix in tasks:
+            seen.add(task)
+            if task == "caption":
+                assert prefix == "caption en" and suffix == caption(scene)
+                assert suffix.count(" and ") == (len(shapes) > 1)
+            elif task == "color":
+                shape = re.fullmatch(r"answer en what color is the (\w+)\?", prefix).group(1)
+                assert [s.colour for s in shapes if s.shape == shape] == [suffix]
+            elif task == "count":
+                m = re.fullmatch(r"answer en how many (\w+)s are there\?", prefix)
+                n = len(shapes) if m.group(1) == "shape" else sum(s.shape == m.group(1) for s in shapes)
+                assert suffix == NUMBERS[n]
+            elif task == "position":
+                colour, shape = re.fullmatch(r"answer en where is the (\w+) (\w+)\?", prefix).groups()
+                (s,) = [s for s in shapes if (s.colour, s.shape) == (colour, shape)]
+                assert suffix == CELL_NAMES[s.cell[0]][s.cell[1]]
+            elif task == "detect":
+                shape = prefix.removeprefix("detect ")
+                dets = parse_detections(suffix, scene.size, scene.size)
+                want = [s for s in shapes if s.shape == shape]
+                assert [d.label for d in dets] == [shape] * len(want) and want
+                for d, s in zip(dets, want):  # encode_box round trip: within half a bin
+                    assert np.allclose(d.box, s.box, atol=scene.size / 1023 / 2 + 1e-9)
+            else:
+                raise AssertionError(task)
+    assert seen == set(TASKS)
+
+
+def test_render_draws_each_shape_in_its_box():
+    for scene, _ in make_examples(seed=5, num_images=20):
+        pixels = np.asarray(render(scene)).astype(int)
+        for s in scene.shapes:
+            x0, y0, x1, y1 = s.box
+            colour = np.array(COLOURS[s.colour])
+            hit = (np.abs(pixels - colour).sum(-1) == 0)
+            ys, xs = np.nonzero(hit[y0:y1, x0:x1])
+            # the shape reaches (within a pixel) every side of its box and nothing outside
+            assert xs.min() <= 1 and ys.min() <= 1 and xs.max() >= x1 - x0 - 2 and ys.max() >= y1 - y0 - 2
+        assert set(s.shape for s in scene.shapes) <= set(SHAPES)
+
+
+def test_detection_iou_and_score():
+    a = "<loc0000><loc0000><loc0511><loc0511> circle"
+    b = "<loc0512><loc0512><loc1023><loc1023> circle"
+    assert detection_iou(a, a) == 1.0
+    assert detection_iou(f"{b} ; {a}", f"{a} ; {b}") == 1.0  # order does not matter
+    assert detection_iou(a, f"{a} ; {b}") == 0.5  # a missing box counts 0
+    assert detection_iou(f"{a} ; {b}", a) == 0.5  # an extra box too
+    assert detection_iou(a.replace("circle", "square"), a) == 0.0  # the label must agree
+    half = "<loc0000><loc0000><loc0511><loc1023> circle"
+    assert detection_iou(half, a) == pytest.approx(0.5, abs=1e-3)
+    assert score("count", " two ", "two") == 1.0 and score("count", "three", "two") == 0.0
+
+
+def test_read_jsonl_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "x.png", "prefix": "caption en"}\n')
+    with pytest.raises(PgExportError, match=r"bad.jsonl:1 .*suffix"):
+        read_jsonl(bad)
+    with pytest.raises(PgExportError, match="not found"):
+        read_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_cli_dataset(tmp_path):
+    out = tmp_path / "shapes"
+    r = CliRunner().invoke(main, ["dataset", "--out", str(out), "--seed", "2", "--train", "5", "--val", "2", "--test", "2"])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert len(lines) >= 5 * 4 and {"image", "prefix", "suffix", "task"} <= set(lines[0])
+    assert (out / lines[0]["image"]).is_file()
+    r = CliRunner().invoke(main, ["dataset", "--out", str(out)])  # not empty: refused, one line
+    assert r.exit_code == 1 and "not empty" in r.output
