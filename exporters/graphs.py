@@ -4,15 +4,18 @@ Each wrapper holds the *same* model object that runs eagerly and calls its build
 (`encode_image`, `embed`, `masks`, `language_model(...)` with a `ConcatKVCache`,
 `language_model.logits`), so the traced graphs cannot drift from the eager numerics.
 
-    vision_encoder.onnx  pixel_values [batch, 3, size, size] float
+    vision_encoder.onnx  pixel_values [batch, 3, size, size] float32
                          -> image_features [batch, num_image_tokens, hidden]
     prefill.onnx         input_ids [batch, seq] int64 (with `<image>` ids), image_features,
                          attention_mask [batch, seq] int64
-                         -> logits [batch, vocab] (last real token of each row),
+                         -> logits [batch, vocab] float32 (last real token of each row),
                             present.{i}.key|value [batch, kv_heads, seq, head_dim]
     decode.onnx          input_ids [batch, 1], attention_mask [batch, past + 1],
                          past_key_values.{i}.key|value [batch, kv_heads, past, head_dim]
-                         -> logits [batch, vocab], present.{i}.key|value [.., past + 1, ..]
+                         -> logits [batch, vocab] float32, present.{i}.key|value [.., past + 1, ..]
+
+`pixel_values` and `logits` are float32 in every export; `image_features` and the keys/values
+have the weights' dtype (float16 in an fp16 export, so the cache takes half the memory).
 
 Prefill treats the whole prompt as the bidirectional prefix (padding excluded). Decode has no
 prefix: its token is causal, at query slot `past`, with RoPE position `attention_mask.sum(-1)`
@@ -80,7 +83,9 @@ class VisionEncoderGraph(nn.Module):
 
     def example_inputs(self, batch: int = 2) -> tuple:
         v = self.model.cfg.vision
-        return (torch.zeros(batch, v.num_channels, v.image_size, v.image_size, dtype=self.model.dtype),)
+        # float32 pixels whatever the weights' dtype: the patch embedding casts them (a Cast node
+        # in an fp16 graph), so every export takes what the processor produces.
+        return (torch.zeros(batch, v.num_channels, v.image_size, v.image_size, dtype=torch.float32),)
 
     def dynamic_shapes(self) -> dict:
         return {"pixel_values": {0: Dim(BATCH)}}
@@ -104,7 +109,7 @@ class PrefillGraph(nn.Module):
         masks = m.masks(slots, real, real, real)
         cache = ConcatKVCache()
         hidden = m.language_model(x, positions_from_mask(attention_mask), masks, cache, slot=0)
-        logits = m.language_model.logits(_gather_rows(hidden, last_token_index(attention_mask)))
+        logits = m.language_model.logits(_gather_rows(hidden, last_token_index(attention_mask)), out_dtype=torch.float32)
         return (logits, *[t for kv in cache.present for t in kv])
 
     def example_inputs(self, batch: int = 2, text_len: int = 5) -> tuple:
@@ -147,7 +152,7 @@ class DecodeGraph(nn.Module):
         positions = attention_mask.long().sum(-1, keepdim=True)  # [B, 1], 1-based real-token count
         cache = ConcatKVCache(past)
         hidden = m.language_model(m.embed(input_ids), positions, masks, cache, slot=past_len)
-        logits = m.language_model.logits(hidden[:, -1])
+        logits = m.language_model.logits(hidden[:, -1], out_dtype=torch.float32)
         return (logits, *[t for kv in cache.present for t in kv])
 
     def example_inputs(self, batch: int = 2, past: int = 7) -> tuple:

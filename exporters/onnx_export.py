@@ -1,7 +1,8 @@
-"""Export a `PaliGemma` to three ONNX graphs that share one decoder weight file.
+"""Export a PaliGemma to three ONNX graphs that share one decoder weight file.
 
     >>> from pgexport.exporters.onnx_export import export_onnx
     >>> info = export_onnx(model, "exports/paligemma-tiny")  # doctest: +SKIP
+    >>> info = export_onnx("checkpoints/paligemma-3b-pt-224", "exports/pg3b-fp16", dtype="float16")  # doctest: +SKIP
     >>> sorted(info["files"])  # doctest: +SKIP
     ['config.json', 'decode.onnx', 'decoder.onnx.data', 'prefill.onnx', 'vision_encoder.onnx', 'vision_encoder.onnx.data']
 
@@ -11,18 +12,34 @@ Layout of the output folder:
     vision_encoder.onnx       + vision_encoder.onnx.data
     prefill.onnx, decode.onnx + decoder.onnx.data, ONE file both graphs point into
 
-Pipeline: `torch.onnx.export(dynamo=True)` traces each wrapper of `graphs.py`; the onnxscript
-optimizer folds constants (in particular `Transpose(W)` of every linear weight, so the files hold
-weights in the `[in, out]` layout MatMul reads and the runtime has nothing to fold); then every
-initializer is hashed by content and each distinct tensor is written once with
-`onnx_ir.external_data.convert_tensors_to_external`. Initializers of both decoder graphs (and
-identical tensors inside one graph) become external references to the same bytes. The tied
-embedding stays one tensor: the embedding lookup Gathers from it and the LM head reads it through
-`Gemm(transB=1)`, so no transposed copy is ever materialised.
+Pipeline, one code path whatever `model` is:
+
+1. Structure. A weightless copy of the model (fake tensors, at the export dtype) is traced by
+   `torch.onnx.export(dynamo=True)` through each wrapper of `graphs.py`. Tracing reads no weight,
+   so it costs the same few hundred MB for a tiny model and for 28B.
+2. Weights. Every initializer named after a parameter is bound to a lazy tensor that reads that
+   parameter from a `TensorSource` (`tensor_source.py`): the in-memory model's state dict, or the
+   checkpoint folder's safetensors files read tensor by tensor. `Transpose(weight)` nodes (every
+   linear layer: MatMul reads `[in, out]`) become lazily pre-transposed initializers named
+   `<param>.transpose`, so the files hold the layout MatMul reads and the runtime folds nothing.
+   The tied embedding is read by a Gather and by the LM head's `Gemm(transB=1)`, never
+   transposed, so it is stored once.
+3. The onnxscript optimizer folds the small constants (Gemma's `1 + w` norm weights, named
+   `<param>.add`, shape arithmetic) and removes dead code; it never reads a large weight.
+4. Writing. Each initializer of at least 64 bytes goes to external data: a weight is read from
+   the source, transformed, hashed, appended to the data file (unless the same bytes are already
+   there) and released before the next one, so the peak memory is the graph plus about one tensor
+   (the 2 GB embedding table at 3B fp32). Prefill and decode point into the same
+   `decoder.onnx.data`: a parameter both graphs use is read and written once.
 
 Everything is written to a temporary folder next to `out_dir`, checked with
 `onnx.checker.check_model(path)`, checked for external-data locations that stay inside the
 folder, and renamed into place at the end, so a failed export leaves no half-written folder.
+
+`dtype="float16"` stores the weights in fp16 and runs the graphs in fp16, except where accuracy
+needs fp32: RMSNorm (computed in fp32 by the model), attention scores, soft-caps and softmax
+(`models/attention.py`'s fp16 path), the final logit soft-cap, and the `logits` output, which is
+float32 in every export. `pixel_values` is float32 too; `image_features` and the KV cache are fp16.
 """
 
 from __future__ import annotations
@@ -41,11 +58,13 @@ import onnx
 import onnx_ir as ir
 import onnxscript.optimizer
 import torch
-from onnx_ir import external_data as ir_external_data
 
+from pgexport.errors import PgExportError
+from pgexport.models.config import PaliGemmaConfig
 from pgexport.models.paligemma import PaliGemma
 
 from .graphs import DecodeGraph, PrefillGraph, VisionEncoderGraph
+from .tensor_source import CheckpointSource, StateDictSource, TensorSource
 
 DEFAULT_OPSET = 20  # Gelu(approximate="tanh") is a single op from opset 20
 VISION_FILE = "vision_encoder.onnx"
@@ -56,28 +75,51 @@ DECODER_DATA = "decoder.onnx.data"  # shared by prefill.onnx and decode.onnx
 # Initializers at least this large go to external data (deduplicated); smaller ones (shape
 # constants, scalars) stay inline in the graph, where they cost less than a file reference.
 EXTERNAL_THRESHOLD_BYTES = 64
+EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+PARAM_PREFIX = "model."  # the wrappers hold the model as `self.model`
 
 
 def export_onnx(
-    model: PaliGemma,
+    model: PaliGemma | str | os.PathLike,
     out_dir: str | os.PathLike,
     opset: int = DEFAULT_OPSET,
     progress: Callable[[str], None] | None = print,
     overwrite: bool = False,
+    dtype: str = "float32",
+    ort_fusions: bool = False,
 ) -> dict:
     """Export `model` to `out_dir`; returns what was written (paths, sizes, tensor counts).
 
+    `model` is a `PaliGemma` in memory, or the path of a Hugging Face checkpoint folder, whose
+    weights are then streamed from its safetensors files without loading the model. `dtype` is
+    the dtype of the exported weights and graphs ("float32" or "float16"), whatever the dtype the
+    weights come in. `ort_fusions=True` fuses the fp32 vision encoder's attention and LayerNorms
+    into ONNX Runtime's `com.microsoft` Attention / SkipLayerNormalization ops (outputs within
+    1e-5 of the unfused graph; on CPU within the measurement noise, 1-6% faster, so off by
+    default: the files then hold standard ONNX ops only). The decoder graphs are never fused: the
+    fusions that apply there (MultiHeadAttention, SkipSimplifiedLayerNormalization) made prefill
+    and decode 2-3% slower on CPU, and ONNX Runtime fuses the RMSNorms itself at load time.
+
     The returned dict has `out_dir`, `files` {name: bytes}, `total_bytes`, `param_bytes` (the
-    model's parameters at their dtype), `fp32_param_bytes`, `size_ratio` (total / fp32 params),
-    `tensors` (unique stored tensors per data file) and `opset`.
+    source's parameters at the dtype they are stored in), `fp32_param_bytes`, `size_ratio`
+    (total / fp32 params), `tensors` (unique stored tensors per data file), `opset`, `dtype` and
+    `ort_fusions` (per graph file, whether it was fused).
     """
     say = progress or (lambda _msg: None)
+    if dtype not in EXPORT_DTYPES:
+        raise PgExportError(f"dtype {dtype!r} cannot be exported; choose one of {', '.join(EXPORT_DTYPES)}")
+    torch_dtype = EXPORT_DTYPES[dtype]
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
+    cfg, source = open_source(model)
+    if dtype == "float16" and cfg.is_paligemma2:
+        warnings.warn("PaliGemma 2 (Gemma 2) activations can overflow fp16; prefer a float32 export "
+                      "(or bfloat16 on a runtime that has it) and check the outputs", stacklevel=2)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
-    graphs = VisionEncoderGraph(model), PrefillGraph(model), DecodeGraph(model)  # all share `model`
+    fake_mode, fake_model = _fake_model(cfg, torch_dtype)
+    _check_source_shapes(source, fake_model)
+    graphs = VisionEncoderGraph(fake_model), PrefillGraph(fake_model), DecodeGraph(fake_model)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     umask = os.umask(0)
@@ -85,31 +127,33 @@ def export_onnx(
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result is an ordinary folder
     try:
         # Vision encoder: its own data file.
-        say("exporting vision_encoder.onnx")
-        vision = _export_graph(graphs[0], opset)
+        say(f"exporting {VISION_FILE} ({dtype}, weights from {source.describe()})")
+        vision = _export_graph(graphs[0], opset, source, torch_dtype, fake_mode,
+                               fusions=ort_fusions and dtype == "float32")
+        say(f"writing {VISION_DATA}")
         vision_store = _SharedExternalData(tmp, VISION_DATA)
         vision_store.add(vision)
         vision_store.finish()
-        del vision_store
         ir.save(vision, tmp / VISION_FILE)
-        del vision
+        del vision, vision_store
 
-        # Prefill then decode: one data file, each distinct tensor stored once. Prefill's
-        # tensors are written (and released from memory) before decode is traced.
+        # Prefill then decode: one data file, each distinct tensor stored once. Prefill's weights
+        # are written before decode is traced; decode finds them already in the file.
         store = _SharedExternalData(tmp, DECODER_DATA)
-        say("exporting prefill.onnx")
-        prefill = _export_graph(graphs[1], opset)
+        say(f"exporting {PREFILL_FILE}")
+        prefill = _export_graph(graphs[1], opset, source, torch_dtype, fake_mode)
+        say(f"writing {DECODER_DATA}")
         store.add(prefill)
         store.flush()
-        say("exporting decode.onnx")
-        decode = _export_graph(graphs[2], opset)
+        say(f"exporting {DECODE_FILE}")
+        decode = _export_graph(graphs[2], opset, source, torch_dtype, fake_mode)
         store.add(decode)
         store.finish()
         ir.save(prefill, tmp / PREFILL_FILE)
         ir.save(decode, tmp / DECODE_FILE)
-        del prefill, decode
+        del prefill, decode, store
 
-        model.cfg.to_json_file(tmp / "config.json")
+        cfg.to_json_file(tmp / "config.json")
 
         say("checking the ONNX files")
         for name in (VISION_FILE, PREFILL_FILE, DECODE_FILE):
@@ -125,33 +169,70 @@ def export_onnx(
 
     files = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir()) if p.is_file()}
     total = sum(files.values())
-    numel = sum(p.numel() for p in model.parameters())
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    numel = sum(int(np.prod(s)) for s in source.shapes().values())
     info = {
         "out_dir": str(out_dir),
         "files": files,
         "total_bytes": total,
-        "param_bytes": param_bytes,
+        "param_bytes": source.stored_bytes(),
         "fp32_param_bytes": numel * 4,
         "size_ratio": total / (numel * 4),
         "tensors": tensors,
         "opset": opset,
+        "dtype": dtype,
+        "ort_fusions": {VISION_FILE: ort_fusions and dtype == "float32", PREFILL_FILE: False, DECODE_FILE: False},
     }
     say(f"wrote {out_dir}: {total / 2**20:.1f} MiB, {info['size_ratio']:.3f}x the fp32 parameters")
     return info
 
 
+def open_source(model: PaliGemma | str | os.PathLike) -> tuple[PaliGemmaConfig, TensorSource]:
+    """(config, tensor source) for an in-memory model or a checkpoint folder."""
+    if isinstance(model, PaliGemma):
+        return model.cfg, StateDictSource(model.state_dict())
+    if isinstance(model, (str, os.PathLike)):
+        source = CheckpointSource(model)
+        return source.cfg, source
+    raise TypeError(f"export_onnx takes a PaliGemma or a checkpoint folder, not {type(model).__name__}")
+
+
+def _fake_model(cfg: PaliGemmaConfig, dtype: torch.dtype):
+    """The model's structure with fake parameters (shapes and dtypes only, no memory)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created in `dtype` (fake tensors cannot be cast in place)
+    try:
+        with mode:
+            model = PaliGemma(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
+    return mode, model
+
+
+def _check_source_shapes(source: TensorSource, model: torch.nn.Module) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = source.shapes()
+    if got != expected:
+        diff = sorted(set(got) ^ set(expected)) or [k for k in expected if got[k] != expected[k]]
+        raise PgExportError(f"the weights do not match the model's config: {', '.join(diff[:3])}")
+
+
 # ---------------------------------------------------------------------------- tracing
-def _export_graph(graph: torch.nn.Module, opset: int) -> ir.Model:
-    """Trace one wrapper with the dynamo exporter and optimize it; returns the ONNX IR model."""
+def _export_graph(graph: torch.nn.Module, opset: int, source: TensorSource, dtype: torch.dtype, fake_mode,
+                  fusions: bool = False) -> ir.Model:
+    """Trace one wrapper (fake weights), bind its weights to `source`, optimize; returns the IR model."""
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     graph = graph.eval()
+    with fake_mode:
+        example = graph.example_inputs()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
         warnings.filterwarnings("ignore", category=FutureWarning)
         program = torch.onnx.export(
             graph,
-            graph.example_inputs(),
+            example,
             dynamo=True,
             dynamic_shapes=graph.dynamic_shapes(),
             input_names=list(graph.input_names),
@@ -162,25 +243,126 @@ def _export_graph(graph: torch.nn.Module, opset: int) -> ir.Model:
         )
     ir_model = program.model
     _check_io(ir_model, graph.input_names, graph.output_names)
+    _bind_weights(ir_model, source, dtype)
+    _pretranspose_weights(ir_model)
     derived = _derived_weight_names(ir_model)
-    # Constant folding + dead-code elimination. Transpose of a weight used only once is folded
-    # whatever its size, so linear weights are stored pre-transposed; the tied embedding has two
-    # consumers (Gather, Gemm transB) and no Transpose, so it is stored once as it is.
-    onnxscript.optimizer.optimize(ir_model)
+    # Constant folding + dead-code elimination of the small constants. `should_fold` keeps the
+    # optimizer away from nodes that read a large weight: folding one would read it into memory.
+    onnxscript.optimizer.optimize_ir(ir_model, should_fold=_no_large_weight_folding)
     _rename_folded_weights(ir_model, derived)
+    if fusions:
+        _fuse_for_ort(ir_model)
     # The exporter annotates every node with its Python stack trace and FX node (absolute source
     # paths included): most of the graph's bytes, and nothing a runtime reads.
     for node in ir_model.graph.all_nodes():
         node.metadata_props.clear()
+    for value in ir_model.graph.initializers.values():
+        value.metadata_props.clear()
     ir_model.producer_name = "pgexport"
     return ir_model
 
 
+class SourceTensor(ir.LazyTensor):
+    """A weight read from a `TensorSource` on demand, with its transforms (e.g. a transpose).
+
+    `key` identifies the bytes (parameter name, dtype, transforms): two initializers with the same
+    key hold the same tensor, so the writer reads and stores it once.
+    """
+
+    __slots__ = ("source", "param", "torch_dtype", "transforms")
+
+    def __init__(self, source: TensorSource, param: str, torch_dtype: torch.dtype, shape, transforms: tuple = (), name: str | None = None):
+        self.source, self.param, self.torch_dtype, self.transforms = source, param, torch_dtype, transforms
+        super().__init__(lambda: ir.Tensor(self.torch().numpy()), dtype=_IR_DTYPES[torch_dtype], shape=ir.Shape(shape), name=name)
+
+    @property
+    def key(self) -> tuple:
+        return (self.param, str(self.torch_dtype), self.transforms)
+
+    def torch(self) -> torch.Tensor:
+        """The tensor's values (read from the source each time it is called)."""
+        t = self.source.read(self.param, self.torch_dtype)
+        for op, arg in self.transforms:
+            if op != "transpose":  # pragma: no cover - only transposes are created
+                raise ValueError(op)
+            t = t.permute(*arg).contiguous()
+        return t
+
+    def transposed(self, perm: tuple[int, ...], name: str) -> "SourceTensor":
+        shape = [self.shape[i] for i in perm]
+        return SourceTensor(self.source, self.param, self.torch_dtype, shape, self.transforms + (("transpose", tuple(perm)),), name)
+
+
+_IR_DTYPES = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16}
+
+
+def _bind_weights(model: ir.Model, source: TensorSource, dtype: torch.dtype) -> None:
+    """Point every parameter initializer (fake after tracing) at the source tensor of that name."""
+    shapes = source.shapes()
+    for value in model.graph.initializers.values():
+        name = value.name
+        param = name[len(PARAM_PREFIX):] if name.startswith(PARAM_PREFIX) else None
+        if param in shapes:
+            if tuple(value.shape) != tuple(shapes[param]):
+                raise RuntimeError(f"{name}: graph shape {value.shape} vs weight {list(shapes[param])}")
+            value.const_value = SourceTensor(source, param, dtype, shapes[param], name=name)
+        elif _is_fake(value.const_value):
+            raise RuntimeError(f"initializer {name} has no weight in the source")
+
+
+def _is_fake(tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(getattr(tensor, "raw", None), FakeTensor)
+
+
+def _pretranspose_weights(model: ir.Model) -> None:
+    """`Transpose(W)` of a weight used only there -> an initializer `W.transpose` that holds the
+    transposed tensor (computed when it is written), the Transpose node removed."""
+    graph = model.graph
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        w = node.inputs[0]
+        tensor = w.const_value if w is not None else None
+        if not isinstance(tensor, SourceTensor) or not w.is_initializer() or len(w.uses()) != 1:
+            continue
+        perm = node.attributes.get("perm")
+        perm = tuple(perm.as_ints()) if perm is not None else tuple(reversed(range(len(tensor.shape))))
+        name = f"{w.name}.transpose"
+        out = node.outputs[0]
+        new = ir.Value(name=name, shape=ir.Shape([tensor.shape[i] for i in perm]), type=ir.TensorType(tensor.dtype),
+                       const_value=tensor.transposed(perm, name))
+        graph.register_initializer(new)
+        out.replace_all_uses_with(new)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(w.name)
+
+
+def _fuse_for_ort(model: ir.Model) -> dict[str, int]:
+    """ONNX Runtime contrib-op fusions of onnxscript (`fuse_xformers` + its ORT rewrite rules),
+    without `optimize_for_ort`'s Gemm -> MatMul + Add rewrite, which would put a Transpose of the
+    tied embedding (2 GB at 3B, every step) in front of the LM head."""
+    from onnxscript.rewriter import rewrite
+    from onnxscript.rewriter.ort_fusions._core import ORT_PATTERN_REWRITE_RULES, fuse_xformers
+
+    model, counts = fuse_xformers(model)
+    rewrite(model, ORT_PATTERN_REWRITE_RULES)
+    return counts
+
+
+def _no_large_weight_folding(node: ir.Node) -> bool | None:
+    for v in node.inputs:
+        if v is not None and isinstance(v.const_value, SourceTensor) and v.const_value.size > onnxscript.optimizer._constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT:
+            return False
+    return None
+
+
 def _derived_weight_names(model: ir.Model) -> dict[str, str]:
-    """Names for values computed from one parameter and constants only, e.g. the transposed
-    `q_proj.weight` -> `...q_proj.weight.transpose`, Gemma's `1 + w` -> `...weight.add`, so the
-    initializers the optimizer folds them into keep a readable, parameter-based name."""
-    base: dict[str, str] = {v.name: v.name for v in model.graph.initializers.values() if v.name.startswith("model.")}
+    """Names for values computed from one parameter and constants only, e.g. Gemma's `1 + w` ->
+    `...weight.add` (fp16: `...weight.cast.add`), so the initializers the optimizer folds them
+    into keep a readable, parameter-based name."""
+    base: dict[str, str] = {v.name: v.name for v in model.graph.initializers.values() if v.name.startswith(PARAM_PREFIX)}
     for node in model.graph:  # topological order
         inputs = [v for v in node.inputs if v is not None]
         if not inputs or len(node.outputs) != 1 or not all(v.name in base or _is_constant(v) for v in inputs):
@@ -217,28 +399,28 @@ def _check_io(model: ir.Model, inputs: list[str], outputs: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------- external data
-def _content_key(tensor: ir.TensorProtocol) -> tuple:
+def _content_key(dtype: ir.DataType, raw: np.ndarray) -> tuple:
     """Identity of a tensor's bytes: dtype, byte length and a SHA-256 of the raw data."""
-    array = tensor.numpy()
-    raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-    return (tensor.dtype, raw.nbytes, hashlib.sha256(memoryview(raw)).hexdigest())
+    return (dtype, raw.nbytes, hashlib.sha256(memoryview(raw)).hexdigest())
 
 
 class _SharedExternalData:
     """One external-data file that several models' initializers point into, each distinct
-    tensor (by content) stored once.
+    tensor stored once, written as it is added.
 
-    `add(model)` points the model's large initializers at stored or pending tensors; `flush()`
-    writes the pending ones (releasing their in-memory copies); `finish()` writes whatever is
-    left and re-points every registered initializer at its final offset.
+    `add(model)` writes every large initializer of the model that the file does not hold yet
+    (a `SourceTensor` is read, written and released; the same source tensor seen again is not
+    read again; equal bytes are found by content hash) and points the initializer at its bytes.
+    `flush()` pushes the written bytes to the file, `finish()` closes it.
     """
 
     def __init__(self, folder: Path, relative_path: str, threshold: int = EXTERNAL_THRESHOLD_BYTES):
-        self.folder, self.relative_path, self.threshold = folder, relative_path, threshold
-        self.keys: dict[tuple, int] = {}  # content key -> index in self.tensors
-        self.tensors: list[ir.TensorProtocol] = []  # distinct tensors, file order
-        self.written = 0  # self.tensors[:written] are ExternalTensors in the file
-        self.users: list[tuple[ir.Value, int]] = []  # (initializer, index of its tensor)
+        self.folder, self.relative_path, self.threshold = Path(folder), relative_path, threshold
+        self.file = open(self.folder / relative_path, "wb")
+        self.size = 0
+        self.by_source: dict[tuple, tuple[int, int]] = {}  # SourceTensor.key -> (offset, length)
+        self.by_content: dict[tuple, tuple[int, int]] = {}  # content key -> (offset, length)
+        self.reads = 0  # source tensors read (each at most once per file)
 
     def add(self, model: ir.Model) -> None:
         for graph in model.graphs():
@@ -246,45 +428,44 @@ class _SharedExternalData:
                 tensor = value.const_value
                 if tensor is None or tensor.nbytes < self.threshold:
                     continue
-                key = _content_key(tensor)
-                index = self.keys.get(key)
-                if index is None:
-                    index = self.keys[key] = len(self.tensors)
-                    self.tensors.append(tensor)
-                self.users.append((value, index))
+                if isinstance(tensor, ir.ExternalTensor) and Path(tensor.base_dir) == self.folder and tensor.location == self.relative_path:
+                    continue  # already in this file
+                key = tensor.key if isinstance(tensor, SourceTensor) else None
+                where = self.by_source.get(key) if key is not None else None
+                if where is None:
+                    where = self._write(tensor)
+                    if key is not None:
+                        self.by_source[key] = where
+                offset, length = where
+                value.const_value = ir.ExternalTensor(
+                    self.relative_path, offset, length, tensor.dtype, shape=tensor.shape, name=value.name, base_dir=self.folder,
+                )
+
+    def _write(self, tensor: ir.TensorProtocol) -> tuple[int, int]:
+        if isinstance(tensor, SourceTensor):
+            self.reads += 1
+            t = tensor.torch()
+            raw = t.reshape(-1).view(torch.uint8).numpy()
+        else:
+            raw = np.ascontiguousarray(tensor.numpy()).reshape(-1).view(np.uint8)
+        if raw.nbytes != tensor.nbytes:
+            raise RuntimeError(f"{tensor.name}: {raw.nbytes} bytes, expected {tensor.nbytes}")
+        ckey = _content_key(tensor.dtype, raw)
+        where = self.by_content.get(ckey)
+        if where is None:
+            self.file.write(memoryview(raw))
+            where = self.by_content[ckey] = (self.size, raw.nbytes)
+            self.size += raw.nbytes
+        return where
 
     def flush(self) -> None:
-        """Write all tensors so far to the file (rewriting it when it already holds some)."""
-        if self.written == len(self.tensors):
-            return
-        # Tensors already external to this same file are streamed into the new file by
-        # onnx_ir (the file is replaced atomically) and keep their offsets: the packing is
-        # dense and in the same order.
-        # (onnx_ir logs a warning for each old ExternalTensor it invalidates: expected here, since
-        # every initializer is re-pointed at the new file just below.)
-        log = logging.getLogger("onnx_ir.external_data")
-        level = log.level
-        log.setLevel(logging.ERROR)
-        try:
-            self.tensors = list(
-                ir_external_data.convert_tensors_to_external(self.tensors, self.folder, self.relative_path)
-            )
-        finally:
-            log.setLevel(level)
-        self.written = len(self.tensors)
-        self._point_users()
+        self.file.flush()
 
     def finish(self) -> None:
-        self.flush()
-        self._point_users()
-
-    def _point_users(self) -> None:
-        for value, index in self.users:
-            stored = self.tensors[index]
-            value.const_value = ir.ExternalTensor(
-                stored.location, stored.offset, stored.length, value.const_value.dtype,
-                shape=value.const_value.shape, name=value.name, base_dir=self.folder,
-            )
+        if not self.file.closed:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
 
 
 def _external_refs(path: Path) -> set[tuple[str, int, int]]:

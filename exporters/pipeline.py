@@ -34,6 +34,8 @@ from pgexport.errors import PgExportError
 from pgexport.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest, write_manifest
 
 QUANTS = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16"}
+# Weight quantization (exporters/quantize.py): float32 graphs, int8 / int4 weights.
+INT_QUANTS = ("int8", "int4")
 REPORT_FILE = "export_report.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 NEWLINE = "\n"
@@ -56,10 +58,13 @@ def supports_dtype() -> bool:
 
 
 def normalize_quant(quant: str) -> str:
-    """"fp32"/"fp16" (or the dtype names) -> the dtype name; fails early when unavailable."""
+    """"fp32"/"fp16" (or the dtype names) -> the dtype name, "int8"/"int4" -> "float32" (the graphs'
+    dtype; the weights are quantized after export); fails early when unavailable."""
+    if str(quant).lower() in INT_QUANTS:
+        return "float32"
     dtype = QUANTS.get(str(quant).lower())
     if dtype is None:
-        raise PgExportError(f"unknown --quant {quant!r}; choose fp32 or fp16")
+        raise PgExportError(f"unknown --quant {quant!r}; choose fp32, fp16, int8 or int4")
     if dtype != "float32" and not supports_dtype():
         raise PgExportError(f"--quant {quant} is not available yet: this build's export_onnx has no dtype option; "
                             "use --quant fp32")
@@ -77,6 +82,8 @@ def export_folder(
     processor: Any = None,
     threads: int | None = None,
     max_new_tokens: int = 16,
+    quant_options: dict | None = None,
+    ort_fusions: bool | None = None,
 ) -> dict:
     """Export a model to `out_dir` (see the module docstring); returns what was done.
 
@@ -86,11 +93,26 @@ def export_folder(
     `processor` gives the tokenizer and image settings (default: the stand-in tokenizer of the
     presets, built for the model's vocabulary layout).
 
+    `quant`: "fp32", "fp16", or "int8" / "int4" (float32 graphs whose weights are then quantized
+    by `exporters/quantize.py`; `quant_options` are `QuantOptions.create`'s keyword arguments:
+    block_size, symmetric, accuracy_level, int8_format, head_bits, target). The validation of a
+    quantized export gates on accuracy (top-1 agreement, KL divergence, cosine), not on 1e-4.
+    `ort_fusions`: passed to export_onnx when it has that option (None: its default); quantized
+    exports always export without fusions.
+
     Returns {"out_dir", "files" {name: bytes}, "total_bytes", "manifest" (dict), "report"
-    (dict or None), "export" (what export_onnx returned)}.
+    (dict or None), "export" (what export_onnx returned), "quantization" (None, or what
+    quantize_folder returned, with bytes_before / bytes_after)}.
     """
     say = progress or (lambda _m: None)
     dtype = normalize_quant(quant)
+    qoptions = None
+    if str(quant).lower() in INT_QUANTS:
+        from .quantize import QuantOptions
+
+        qoptions = QuantOptions.create(str(quant).lower(), **(quant_options or {}))  # bad options fail here, early
+    elif quant_options:
+        raise PgExportError(f"quantization options apply to --quant int8 / int4, not {quant}")
     export_onnx, onnx_export = _export_onnx()
     opset = opset or onnx_export.DEFAULT_OPSET
     out_dir = Path(out_dir)
@@ -108,12 +130,26 @@ def export_folder(
         kwargs = {"opset": opset, "progress": say}
         if dtype != "float32":
             kwargs["dtype"] = dtype
+        if qoptions is not None:
+            # A fused com.microsoft Attention holds the packed QKV weight as a float input the
+            # quantizer cannot rewrite: quantized exports keep the plain MatMuls.
+            ort_fusions = False
+        if ort_fusions is not None and "ort_fusions" in inspect.signature(export_onnx).parameters:
+            kwargs["ort_fusions"] = ort_fusions
         # A checkpoint folder goes to export_onnx as a path when it takes one (weights streamed
         # from the safetensors files, no model in memory); otherwise the model is loaded here.
         if model is None and not (spec is not None and Path(spec).is_dir() and _accepts_folder(export_onnx)):
             say(f"loading {spec}")
             model = _load_eager(spec)
         info = export_onnx(model if model is not None else spec, folder, **kwargs)
+        quantization: Any = "none"
+        qinfo = None
+        if qoptions is not None:
+            from .quantize import quantize_folder
+
+            qinfo = quantize_folder(folder, qoptions, progress=say)
+            quantization = {k: v for k, v in qinfo.items() if k not in ("bytes_before", "bytes_after")}
+            quantization["size_ratio"] = round(qinfo["bytes_after"] / qinfo["bytes_before"], 4)
         cfg = _exported_config(folder, model)
         graph_files = {"vision_encoder": onnx_export.VISION_FILE, "prefill": onnx_export.PREFILL_FILE,
                        "decode": onnx_export.DECODE_FILE}
@@ -141,7 +177,7 @@ def export_folder(
             eos_token_id=cfg.eos_token_id,
             pad_token_id=cfg.pad_token_id,
             dtype=dtype,
-            quantization="none",
+            quantization=quantization,
             tokenizer=tokenizer_file,
             opset=int(info.get("opset", opset)) if isinstance(info, dict) else opset,
             format_version=FORMAT_VERSION,
@@ -168,6 +204,8 @@ def export_folder(
             report = validate_export(folder, reference, processor, max_new_tokens=max_new_tokens, threads=threads)
             say(f"validation: max logit difference {report['logits_max_abs_diff']:.2e}, greedy agreement "
                 f"{report['greedy_agreement']:.0%} over {report['greedy_tokens']} tokens"
+                + (f", top-1 agreement {report['quality']['top1_agreement']:.1%}, mean KL "
+                   f"{report['quality']['mean_kl']:.2e}" if "quality" in report else "")
                 + ("" if report["passed"] else " (FAILED)"))
         manifest.files = _file_sizes(folder)
         write_manifest(folder, manifest)
@@ -181,7 +219,7 @@ def export_folder(
     total = sum(files.values())
     say(f"wrote {out_dir}: {total / 2**20:.1f} MiB")
     result = {"out_dir": str(out_dir), "files": files, "total_bytes": total, "manifest": manifest.to_dict(),
-              "report": report, "export": info}
+              "report": report, "export": info, "quantization": qinfo}
     if report is not None and not report["passed"]:
         raise ExportValidationError(
             f"validation failed: {'; '.join(report['failures'])}; the export was kept, see {out_dir / REPORT_FILE}")
@@ -198,6 +236,11 @@ def _load(model, processor, say):
 
     if model is None or isinstance(model, (str, os.PathLike)):
         spec = str(model) if model is not None else api.default_model()
+        from pgexport.quanto_backend import is_quantized_folder
+
+        if is_quantized_folder(spec):
+            raise PgExportError(f"{spec} holds optimum-quanto weights, which cannot be traced to ONNX; export the float "
+                                "checkpoint with --quant int8 or --quant int4 instead")
         processor = processor or api.load_processor(spec)  # also: a clear error for a bad spec
         is_dir = Path(spec).is_dir()
         # the folder's name only: the manifest travels with the export, the exporter's paths need not

@@ -48,11 +48,17 @@ def attention(
     q: torch.Tensor,  # [B, H, S, Dh]
     k: torch.Tensor,  # [B, Hkv, T, Dh]
     v: torch.Tensor,  # [B, Hkv, T, Dh]
-    mask: torch.Tensor,  # [B, 1, S, T] bool
-    scale: float,
+    mask: torch.Tensor | None,  # [B, 1, S, T] bool, or None: every query sees every key
+    scale: float | None,  # None: head_dim ** -0.5
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Scaled dot-product attention with grouped KV heads and optional Gemma 2 logit soft-cap."""
+    """Scaled dot-product attention with grouped KV heads and optional Gemma 2 logit soft-cap.
+
+    fp32/bf16 without soft-cap use PyTorch's SDPA. fp16 always takes the explicit path below with
+    the scores in fp32: the query is scaled before the product so the fp16 scores stay in range,
+    and the soft-cap, mask and softmax run in fp32 (an fp16 softmax is what an exported fp16 SDPA
+    would otherwise compute).
+    """
     B, H, S, Dh = q.shape
     groups = H // k.shape[1]
     if groups > 1:
@@ -60,14 +66,23 @@ def attention(
         # group into the query length lets all its heads share one KV head without copying
         # the cache: [B, H, S, Dh] -> [B, Hkv, groups * S, Dh], mask rows repeated to match.
         q = q.reshape(B, k.shape[1], groups * S, Dh)
-        mask = mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * S, mask.shape[-1])
-    if softcap is None:
+        if mask is not None:
+            mask = mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * S, mask.shape[-1])
+    if q.dtype == torch.float16:
+        scores = torch.matmul(q * (Dh**-0.5 if scale is None else scale), k.transpose(-1, -2)).float()
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        out = torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), v)
+    elif softcap is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     else:
         # Gemma 2 squashes the raw scores with tanh before masking, which SDPA cannot express.
         scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, Hkv, groups * S, T]
         scores = torch.tanh(scores / softcap) * softcap
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # softmax in fp32 for fp16/bf16
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # softmax in fp32 for bf16
         out = torch.matmul(probs, v)
     return out.reshape(B, H, S, Dh)

@@ -133,8 +133,12 @@ class GemmaDecoder(nn.Module):
             x = layer(x, cos, sin, masks[layer.window], cache, slot)
         return self.norm(x)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tied head (and Gemma 2's soft-cap). `out_dtype=torch.float32` casts the raw logits
+        first, so that an fp16 model soft-caps and returns them in fp32 (the ONNX graphs do)."""
         logits = F.linear(hidden, self.embed_tokens.weight)  # tied head: [.., D] -> [.., V]
+        if out_dtype is not None:
+            logits = logits.to(out_dtype)
         cap = self.cfg.final_logit_softcapping if self.cfg.is_gemma2 else None
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import attention
 from .config import VisionConfig
 
 
@@ -42,7 +43,7 @@ class SiglipAttention(nn.Module):
         B, N, D = x.shape
         # [B, N, D] -> [B, heads, N, head_dim]
         q, k, v = (p(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v)  # every patch sees every patch
+        out = attention(q, k, v, None, None)  # every patch sees every patch (SDPA; fp32 softmax in fp16)
         return self.out_proj(out.transpose(1, 2).reshape(B, N, D))
 
 

@@ -285,12 +285,13 @@ def inspect_command(export_dir):
     Example:
       pgexport inspect exports/pg-224
     """
+    from .manifest import describe_quantization
     from .onnx_files import describe_export
 
     info = describe_export(export_dir)
     m = info["manifest"]
     click.echo(f"{info['folder']}: pgexport export, format {m['format_version']}, {m['model_type']}, dtype {m['dtype']}, "
-               f"quantization {m['quantization']}, opset {m['opset']}, {_size(info['total_bytes'])}")
+               f"quantization {describe_quantization(m['quantization'])}, opset {m['opset']}, {_size(info['total_bytes'])}")
     click.echo(f"  decoder: {m['num_layers']} layers, {m['num_kv_heads']} KV heads x {m['head_dim']}, hidden "
                f"{m['hidden_size']}, vocab {m['vocab_size']}, context {m.get('max_position_embeddings')}")
     click.echo(f"  image: {m['image_size']} px -> {m['num_image_tokens']} tokens, mean {m['image_mean']}, std "

@@ -60,7 +60,11 @@ class Manifest:
     eos_token_id: int
     pad_token_id: int
     dtype: str  # float dtype of the graphs' float inputs/outputs and weights: float32 | float16
-    quantization: Any  # "none", or a description of the weight quantization (string or object)
+    # "none", or for a weight-quantized export (pgexport onnx --quant int8|int4) an object:
+    # bits, block_size, symmetric, accuracy_level, int8_format, head_bits, target, the ops used
+    # ("linear", "embedding", "head", "conv", "nodes") and "unquantized" (float tensors left).
+    # Informational for a runtime: the graphs carry everything they need.
+    quantization: Any
     tokenizer: str  # tokenizer file in the folder (tokenizer.json, or tokenizer.model)
     opset: int  # ONNX default-domain opset of the graphs
     format_version: int = FORMAT_VERSION
@@ -87,6 +91,24 @@ class Manifest:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         return {"format_version": d.pop("format_version"), **d}  # the version first, for readers
+
+
+def describe_quantization(quantization: Any) -> str:
+    """A short description of a manifest's `quantization` entry, e.g. "int4 (block 32, asymmetric,
+    accuracy_level 4)"."""
+    if not isinstance(quantization, dict):
+        return str(quantization)
+    bits = quantization.get("bits")
+    parts = []
+    if quantization.get("int8_format") == "dynamic":
+        parts.append("DynamicQuantizeMatMul")
+    else:
+        parts.append(f"block {quantization.get('block_size')}")
+    parts.append("symmetric" if quantization.get("symmetric") else "asymmetric")
+    parts.append(f"accuracy_level {quantization.get('accuracy_level')}")
+    if quantization.get("head_bits") not in (None, bits):
+        parts.append(f"{quantization['head_bits']}-bit embedding/head")
+    return f"int{bits} ({', '.join(parts)})"
 
 
 _INT_FIELDS = ("num_layers", "num_kv_heads", "head_dim", "hidden_size", "vocab_size", "num_image_tokens",

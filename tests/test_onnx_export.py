@@ -218,3 +218,291 @@ def test_shared_external_data_appends_and_dedupes(tmp_path):
         for arr in arrays:  # same order as the graph's Adds
             ref = ref + arr
         np.testing.assert_array_equal(y, ref)
+
+
+# ----------------------------------------------------------------------------- streaming export
+def _tiny_model(preset: str, seed: int = 0):
+    """The tiny test model of `exported` (random, norms moved away from zero)."""
+    cfg = PaliGemmaConfig.from_preset(preset)
+    model = PaliGemma.random(cfg, seed=seed, std=0.2)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.5, generator=g)
+            if "post_" in name:
+                p += 4.0
+    return model
+
+
+def _run_all(folder, cfg, seed=0):
+    """Every output of the three graphs on one padded batch (prefill, then two decode steps)."""
+    n = cfg.text.num_hidden_layers
+    ids, mask, pix = _batch(cfg, seed=seed)
+    vision, prefill, decode = (_session(folder / f) for f in ("vision_encoder.onnx", "prefill.onnx", "decode.onnx"))
+    (feats,) = vision.run(None, {"pixel_values": pix})
+    outs = [feats]
+    got = prefill.run(None, {"input_ids": ids, "image_features": feats, "attention_mask": mask})
+    outs += got
+    for step in range(2):
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        feed = {"input_ids": np.array([[5 + step], [300 + step]], np.int64), "attention_mask": mask,
+                **dict(zip(decode_inputs(n)[2:], got[1:]))}
+        got = decode.run(None, feed)
+        outs += got
+    return outs
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_streaming_export_equals_in_memory(preset, tmp_path):
+    """A checkpoint folder exported by streaming its safetensors gives the same bytes and the same
+    outputs, exactly, as the loaded model exported from memory."""
+    from pgexport.models.checkpoint import load_checkpoint, save_checkpoint
+
+    model = _tiny_model(preset)
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(model, ckpt, max_shard_bytes=200_000)  # several shards
+    assert (ckpt / "model.safetensors.index.json").is_file()
+    streamed = export_onnx(ckpt, tmp_path / "streamed", progress=None)
+    in_memory = export_onnx(load_checkpoint(ckpt), tmp_path / "memory", progress=None)
+    assert streamed["files"] == in_memory["files"] and streamed["tensors"] == in_memory["tensors"]
+    assert streamed["param_bytes"] == in_memory["param_bytes"] == in_memory["fp32_param_bytes"]
+    for name in streamed["files"]:
+        assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "memory" / name).read_bytes(), name
+    a, b = _run_all(tmp_path / "streamed", model.cfg), _run_all(tmp_path / "memory", model.cfg)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_streaming_export_reads_each_weight_once(tmp_path, monkeypatch):
+    """Large weights are read from the checkpoint once, when written (never by tracing or the
+    optimizer), one at a time; bf16 weights are cast on the way."""
+    from pgexport.exporters import tensor_source
+    from pgexport.models.checkpoint import save_checkpoint
+
+    cfg = PaliGemmaConfig.from_preset("paligemma-tiny").replace(text=dict(hidden_size=128, intermediate_size=256))
+    model = PaliGemma.random(cfg, seed=0, dtype=torch.bfloat16)
+    save_checkpoint(model, tmp_path / "ckpt")
+    reads: dict[str, int] = {}
+    original = tensor_source.CheckpointSource.read
+
+    def counting_read(self, name, dtype):
+        reads[name] = reads.get(name, 0) + 1
+        return original(self, name, dtype)
+
+    monkeypatch.setattr(tensor_source.CheckpointSource, "read", counting_read)
+    info = export_onnx(tmp_path / "ckpt", tmp_path / "out", progress=None)
+    limit = 8192  # onnxscript's constant-folding input limit: smaller tensors may be read by the optimizer
+    big = {k: v for k, v in model.state_dict().items() if v.numel() > limit}
+    assert big and set(big) <= set(reads)
+    assert {k: reads[k] for k in big} == {k: 1 for k in big}
+    assert info["param_bytes"] == sum(v.numel() * 2 for v in model.state_dict().values())  # stored as bf16
+    assert info["files"]["decoder.onnx.data"] + info["files"]["vision_encoder.onnx.data"] <= info["fp32_param_bytes"]
+    # the exported fp32 weights are the bf16 values, exactly
+    proto = onnx.load(str(tmp_path / "out" / "prefill.onnx"))
+    emb = next(t for t in proto.graph.initializer if t.name == "model.language_model.embed_tokens.weight")
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(emb), model.language_model.embed_tokens.weight.detach().float().numpy())
+
+
+_PEAK_CHILD = r"""
+import json, sys, warnings
+warnings.filterwarnings("ignore")
+from benchmarks.common import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+from pgexport.exporters.onnx_export import export_onnx
+from pgexport.models import PaliGemma, PaliGemmaConfig
+# A tiny export first: the baseline then includes the exporter's libraries (torch.export, the
+# torchlib registry, onnxscript), which load lazily on the first export.
+export_onnx(PaliGemma.random(PaliGemmaConfig.from_preset("paligemma-tiny")), sys.argv[2] + "-warm", progress=None)
+reset_peak_rss()
+base = current_rss_bytes()
+export_onnx(sys.argv[1], sys.argv[2], progress=None)
+print(json.dumps({"base": base, "peak": peak_rss_bytes()}))
+"""
+
+
+def test_streaming_export_memory(tmp_path):
+    """Exporting a checkpoint needs about one tensor of memory on top of the libraries, not the
+    model: here (a 214 MiB model whose largest tensor, the embedding, is 32 MiB) the peak grows by
+    less than half the weights (measured 34-74 MiB: freed buffers below glibc's 32 MiB mmap
+    threshold may stay resident for a while); exporting from memory would need the whole model. (At 3B fp32 the measured peak is ~2.5 GiB for 10.9 GiB of
+    weights, see benchmarks/results/onnx_fp32.md.)"""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pgexport.models.checkpoint import save_checkpoint
+
+    cfg = PaliGemmaConfig.from_preset("paligemma-tiny").replace(
+        text=dict(vocab_size=8192, hidden_size=1024, intermediate_size=4096, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=1, head_dim=256),
+        vision=dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4), image_token_id=8191)
+    model = PaliGemma.random(cfg, seed=0)
+    weights = sum(v.numel() * 4 for v in model.state_dict().values())
+    save_checkpoint(model, tmp_path / "ckpt")
+    del model
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(tmp_path / "ckpt"), str(tmp_path / "out")],
+                         cwd=root, capture_output=True, text=True, check=True)
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    extra = r["peak"] - r["base"]
+    print(f"\nweights {weights / 2**20:.0f} MiB, export peak over baseline {extra / 2**20:.0f} MiB ({extra / weights:.2f}x)")
+    assert extra < weights / 2
+
+
+def test_bad_checkpoints_are_refused(tmp_path):
+    from pgexport.errors import PgExportError
+    from pgexport.models.checkpoint import save_checkpoint
+    from safetensors.torch import load_file, save_file
+
+    model = PaliGemma.random(PaliGemmaConfig.from_preset("paligemma-tiny"))
+    good = tmp_path / "good"
+    save_checkpoint(model, good)
+    tensors = load_file(good / "model.safetensors")
+
+    def variant(name, edit):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text((good / "config.json").read_text())
+        t = dict(tensors)
+        edit(t)
+        save_file(t, folder / "model.safetensors")
+        return folder
+
+    cases = {
+        "missing": (lambda t: t.pop("language_model.model.norm.weight"), "missing tensor for language_model.norm.weight"),
+        "shape": (lambda t: t.__setitem__("language_model.model.norm.weight", torch.zeros(3)), "vs config"),
+        "extra": (lambda t: t.__setitem__("language_model.model.extra.weight", torch.zeros(3)), "unexpected tensor"),
+        "untied": (lambda t: t.__setitem__("lm_head.weight", torch.randn_like(t["language_model.model.embed_tokens.weight"])), "untied head"),
+    }
+    for name, (edit, message) in cases.items():
+        with pytest.raises(PgExportError, match=message):
+            export_onnx(variant(name, edit), tmp_path / f"out-{name}", progress=None)
+        assert not (tmp_path / f"out-{name}").exists()
+    # an explicit head equal to the embedding is accepted (as load_checkpoint accepts it)
+    tied = variant("tied", lambda t: t.__setitem__("lm_head.weight", t["language_model.model.embed_tokens.weight"].clone()))
+    export_onnx(tied, tmp_path / "out-tied", progress=None)
+    # a truncated file
+    trunc = variant("trunc", lambda t: None)
+    data = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(PgExportError, match="corrupt or truncated"):
+        export_onnx(trunc, tmp_path / "out-trunc", progress=None)
+    with pytest.raises(PgExportError, match="dtype"):
+        export_onnx(good, tmp_path / "out-bf16", progress=None, dtype="bfloat16")
+
+
+# ----------------------------------------------------------------------------- fp16
+@pytest.fixture(scope="module", params=PRESETS)
+def exported_fp16(request, tmp_path_factory):
+    model = _tiny_model(request.param)
+    out = tmp_path_factory.mktemp("onnx16") / request.param
+    with pytest.warns(UserWarning, match="overflow fp16") if model.cfg.is_paligemma2 else _no_warning():
+        info = export_onnx(model, out, progress=None, dtype="float16")
+    return model, out, info
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_fp16_layout_and_dtypes(exported_fp16):
+    model, out, info = exported_fp16
+    n = model.cfg.text.num_hidden_layers
+    assert info["dtype"] == "float16"
+    data = info["files"]["decoder.onnx.data"] + info["files"]["vision_encoder.onnx.data"]
+    assert data <= 0.55 * info["fp32_param_bytes"]  # weights stored in fp16 (a few fp32 norm vectors)
+    types = {}
+    for name in ("vision_encoder.onnx", "prefill.onnx", "decode.onnx"):
+        onnx.checker.check_model(str(out / name))
+        check_external_data(out / name)
+        s = _session(out / name)
+        types[name] = {v.name: v.type for v in [*s.get_inputs(), *s.get_outputs()]}
+    assert types["vision_encoder.onnx"] == {"pixel_values": "tensor(float)", "image_features": "tensor(float16)"}
+    for name in ("prefill.onnx", "decode.onnx"):
+        assert types[name]["logits"] == "tensor(float)"  # logits are float32 in every export
+        assert {types[name][k] for k in prefill_outputs(n)[1:]} == {"tensor(float16)"}
+    assert types["prefill.onnx"]["image_features"] == "tensor(float16)"
+    assert {types["decode.onnx"][k] for k in decode_inputs(n)[2:]} == {"tensor(float16)"}
+    # large weights in fp16; what stays fp32 is small (RMSNorm's 1 + w, computed in fp32)
+    proto = onnx.load(str(out / "decode.onnx"), load_external_data=False)
+    big = [(t.name, t.data_type) for t in proto.graph.initializer if np.prod(t.dims) >= 4096]
+    assert big and all(dt == onnx.TensorProto.FLOAT16 for _, dt in big), big
+
+
+def test_fp16_matches_eager_fp32(exported_fp16, record_diff):
+    """ONNX Runtime's CPU EP runs the fp16 graphs (it computes most ops in fp32 after inserting
+    Casts, as x86 has few fp16 kernels). Tolerance: the export may add no more error than running
+    the same weights in fp16 in PyTorch does (its error against eager fp32, x2), and stays within
+    1% of the logits' range; greedy tokens agree with eager fp32."""
+    model, out, _ = exported_fp16
+    cfg = model.cfg
+    ids, mask, pix = _batch(cfg)
+    stepper = OrtStepper(out, cfg.text.num_hidden_layers)
+    ref32 = EagerStepper(model)
+    model16 = PaliGemma.random(cfg, dtype=torch.float16)
+    model16.load_state_dict({k: v.half() for k, v in model.state_dict().items()})
+    ref16 = EagerStepper(model16)
+
+    (feats,) = stepper.vision.run(None, {"pixel_values": pix})
+    with torch.no_grad():
+        f32 = model.encode_image(torch.from_numpy(pix)).numpy()
+        f16 = model16.encode_image(torch.from_numpy(pix)).float().numpy()
+    err, own = np.abs(feats.astype(np.float32) - f32).max(), np.abs(f16 - f32).max()
+    record_diff("fp16 image_features", err)
+    assert err <= 2 * own and err <= 0.01 * np.abs(f32).max(), (err, own)
+
+    got = [stepper.prefill(ids, mask, pix, 3)]
+    r32 = [ref32.prefill(ids, mask, pix, 3)]
+    r16 = [ref16.prefill(ids, mask, pix, 3)]
+    for step in range(2):
+        tokens = np.array([5 + step, 300 + step], np.int64)
+        got.append(stepper.decode(tokens))
+        r32.append(ref32.decode(tokens))
+        r16.append(ref16.decode(tokens))
+    for i, (g, a, b) in enumerate(zip(got, r32, r16)):
+        assert g.dtype == np.float32
+        err, own = np.abs(g - a).max(), np.abs(b - a).max()
+        record_diff(f"fp16 logits step {i}", err)
+        assert err <= 2 * own and err <= 0.01 * np.abs(a).max(), (i, err, own)
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_fp16_greedy_generation(exported_fp16, padding):
+    model, out, _ = exported_fp16
+    cfg = model.cfg
+    ids, mask, pix = _batch(cfg, lengths=(11, 3), padding=padding, seed=1)
+    ref = generate(model, ids, mask, pix, max_new_tokens=20)
+    got = generate_tokens(OrtStepper(out, cfg.text.num_hidden_layers), ids, mask, pix, 20, cfg.eos_token_id, cfg.pad_token_id)
+    assert (got == ref).mean() >= 0.9, (got.tolist(), ref.tolist())
+
+
+# ----------------------------------------------------------------------------- ORT fusions (opt-in)
+def test_ort_fusions_vision_encoder(tmp_path):
+    """`ort_fusions=True` puts ONNX Runtime's Attention / SkipLayerNormalization in the fp32 vision
+    encoder (checked by onnx.checker, outputs within the exporter's tolerance); decoder graphs stay
+    standard ONNX."""
+    model = _tiny_model("paligemma-tiny")
+    info = export_onnx(model, tmp_path / "fused", progress=None, ort_fusions=True)
+    assert info["ort_fusions"] == {"vision_encoder.onnx": True, "prefill.onnx": False, "decode.onnx": False}
+    ops = {}
+    for name in ("vision_encoder.onnx", "prefill.onnx", "decode.onnx"):
+        proto = onnx.load(str(tmp_path / "fused" / name), load_external_data=False)
+        ops[name] = {(n.domain, n.op_type) for n in proto.graph.node}
+    assert {("com.microsoft", "Attention"), ("com.microsoft", "SkipLayerNormalization")} <= ops["vision_encoder.onnx"]
+    assert all(domain in ("", "ai.onnx") for name in ("prefill.onnx", "decode.onnx") for domain, _ in ops[name])
+    _, _, pix = _batch(model.cfg)
+    (feats,) = _session(tmp_path / "fused" / "vision_encoder.onnx").run(None, {"pixel_values": pix})
+    with torch.no_grad():
+        ref = model.encode_image(torch.from_numpy(pix)).numpy()
+    np.testing.assert_allclose(feats, ref, rtol=0, atol=TOL)
+    # the default export has no contrib ops at all
+    plain = export_onnx(model, tmp_path / "plain", progress=None)
+    assert not any(plain["ort_fusions"].values())
+    proto = onnx.load(str(tmp_path / "plain" / "vision_encoder.onnx"), load_external_data=False)
+    assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)

@@ -1,0 +1,136 @@
+"""Task accuracy of the int8 / int4 ONNX exports of the demo model against fp32 (CPU).
+
+    python benchmarks/eval_quant_demo.py                       # pgexport/assets/demo, 100 test images
+    python benchmarks/eval_quant_demo.py --model DIR --images 40 --out results.json
+
+For each variant (fp32 export, int8 dynamic / MatMulNBits, int4 with the defaults and with other
+block sizes, symmetry, accuracy level, 8-bit head) on the shapes test set drawn with seed 1234
+(the demo's held-out set, `examples/train_demo.py`):
+
+* task accuracy with greedy decoding through ONNX Runtime (`OnnxPaliGemma.generate`), scored as
+  `pgexport.finetune.evaluate` scores the eager model: exact match per question / caption task,
+  mean IoU for `detect`;
+* teacher-forced agreement with the eager fp32 model on the gold answers: the prompt, then every
+  answer token fed to both (eos included), top-1 agreement of the next-token logits, mean
+  KL(fp32 || quantized) and cosine, over all answer positions;
+* the export's own validation report (`export_report.json` quality on the bundled sample), bytes.
+
+Writes a JSON summary (default benchmarks/results/quant_demo.json) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results" / "quant_demo.json"
+TEST_SEED = 1234
+
+
+def variants():
+    from pgexport.exporters.quantize import QuantOptions
+
+    return {
+        "int8": QuantOptions.create("int8"),
+        "int8-nbits": QuantOptions.create("int8", int8_format="nbits"),
+        "int4": QuantOptions.create("int4"),
+        "int4-acc0": QuantOptions.create("int4", accuracy_level=0),
+        "int4-sym": QuantOptions.create("int4", symmetric=True),
+        "int4-b64": QuantOptions.create("int4", block_size=64),
+        "int4-b128": QuantOptions.create("int4", block_size=128),
+        "int4-head8": QuantOptions.create("int4", head_bits=8),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model folder (default: pgexport/assets/demo)")
+    ap.add_argument("--images", type=int, default=100, help="test images (4-5 examples each)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    import pgexport
+    from pgexport.dataset import read_jsonl, write_dataset
+    from pgexport.demo import DEMO_DIR
+    from pgexport.exporters.pipeline import export_folder
+    from pgexport.exporters.quantize import folder_model_bytes, quantize_folder
+    from pgexport.exporters.quant_eval import task_accuracy, teacher_forced_logits
+    from pgexport.exporters.validate import logit_quality, validate_export
+    from pgexport.manifest import read_manifest, write_manifest
+    from pgexport.models.generate import EagerStepper
+    from pgexport.runtime import OnnxPaliGemma
+
+    model_dir = Path(args.model or DEMO_DIR)
+    work = Path(tempfile.mkdtemp(prefix="eval-quant-"))
+    summary = {"model": str(model_dir), "test_seed": TEST_SEED, "images": args.images, "variants": {}}
+    try:
+        write_dataset(work / "data", seed=TEST_SEED, train=0, val=0, test=args.images)
+        records = read_jsonl(work / "data" / "test.jsonl")
+        summary["examples"] = len(records)
+        model = pgexport.load_model(str(model_dir), dtype="float32")
+        processor = pgexport.load_processor(str(model_dir))
+        eos, pad = model.cfg.eos_token_id, model.cfg.pad_token_id
+        t = time.time()
+        reference = teacher_forced_logits(EagerStepper(model), processor, records, eos, pad)
+        from pgexport.finetune import evaluate
+
+        summary["eager_fp32"] = {"task": evaluate(model, processor, records, batch_size=64, max_new_tokens=40),
+                                 "seconds": round(time.time() - t, 1)}
+        print("eager fp32", summary["eager_fp32"], flush=True)
+
+        base = work / "fp32"
+        export_folder(str(model_dir), base, progress=None, validate=False, ort_fusions=False)
+        fp32_bytes = folder_model_bytes(base)
+        chosen = variants()
+        if args.only:
+            chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
+        for name, options in {"fp32": None, **chosen}.items():
+            folder = base
+            if options is not None:
+                folder = work / name
+                shutil.copytree(base, folder)
+                info = quantize_folder(folder, options)
+                manifest = read_manifest(folder)
+                manifest.quantization = {k: v for k, v in info.items() if not k.startswith("bytes_")}
+                write_manifest(folder, manifest)
+            t = time.time()
+            report = validate_export(folder, model, processor, threads=args.threads, write=False)
+            rt = OnnxPaliGemma(folder, threads=args.threads)
+            got = teacher_forced_logits(rt.stepper(), processor, records, eos, pad)
+            ref_l, got_l, act = [], [], []
+            for (rl, ra), (gl, _) in zip(reference, got):
+                ref_l += rl
+                got_l += gl
+                act += ra
+            quality = logit_quality(ref_l, got_l, act)
+            task = task_accuracy(rt, records)
+            rt.close()
+            entry = {"bytes": folder_model_bytes(folder), "size_ratio": round(folder_model_bytes(folder) / fp32_bytes, 4),
+                     "task": task, "teacher_forced": quality,
+                     "sample_report": {"passed": report["passed"], "failures": report["failures"],
+                                       "quality": report["quality"]},
+                     "seconds": round(time.time() - t, 1)}
+            summary["variants"][name] = entry
+            print(f"{name:11s} ratio {entry['size_ratio']:.3f} exact {task['exact_match']:.4f} iou {task['detect_iou']:.4f} "
+                  f"| TF top1 {quality['top1_agreement']:.4f} KL {quality['mean_kl']:.2e} cos {quality['mean_cosine']:.5f} "
+                  f"({quality['positions']} positions) | sample passed {report['passed']} "
+                  f"top1 {report['quality']['top1_agreement']:.3f} KL {report['quality']['mean_kl']:.2e}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

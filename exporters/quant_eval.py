@@ -1,0 +1,67 @@
+"""Task-level accuracy of an export against the eager model (quantization gates on real data).
+
+    >>> from pgexport.exporters.quant_eval import task_accuracy, teacher_forced_agreement
+    >>> task_accuracy(OnnxPaliGemma("exports/demo-int4"), records)  # doctest: +SKIP
+    {'caption': 0.98, ..., 'exact_match': 0.95, 'detect_iou': 0.81}
+
+`records` are `pgexport.dataset.Example`s (e.g. `read_jsonl("shapes/test.jsonl")`). Used by
+`benchmarks/eval_quant_demo.py` and the demo-model gates of `tests/test_quantize.py`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def task_accuracy(rt, records, batch_size: int = 64, max_new_tokens: int = 40) -> dict:
+    """Greedy outputs of `rt` (anything with `generate(images, prompts, max_new_tokens)`, e.g.
+    `OnnxPaliGemma`) scored like `pgexport.finetune.evaluate`: {task: score, "exact_match": mean
+    over the non-detect examples, "detect_iou": mean IoU of the detect examples}."""
+    from pgexport.dataset import score
+
+    by_task: dict[str, list[float]] = {}
+    order = sorted(range(len(records)), key=lambda i: (records[i].task, i))
+    for start in range(0, len(order), batch_size):
+        chunk = [records[i] for i in order[start:start + batch_size]]
+        texts = rt.generate([r.image for r in chunk], [r.prefix for r in chunk], max_new_tokens=max_new_tokens)
+        for r, text in zip(chunk, texts):
+            by_task.setdefault(r.task, []).append(score(r.task, text, r.suffix))
+    metrics = {task: float(np.mean(v)) for task, v in sorted(by_task.items())}
+    em = [s for t, v in by_task.items() if t != "detect" for s in v]
+    metrics["exact_match"] = float(np.mean(em)) if em else None
+    metrics["detect_iou"] = float(np.mean(by_task["detect"])) if "detect" in by_task else None
+    return metrics
+
+
+def teacher_forced_logits(stepper, processor, records, eos: int, pad: int, batch_size: int = 64):
+    """Per batch: list of (logits [B, V], active [B]) over prompt end + every gold answer token."""
+    out = []
+    order = sorted(range(len(records)), key=lambda i: (records[i].task, i))
+    for start in range(0, len(order), batch_size):
+        chunk = [records[i] for i in order[start:start + batch_size]]
+        batch = processor(images=[r.image for r in chunk], prompts=[r.prefix for r in chunk])
+        answers = [processor.tokenizer.encode(r.suffix, add_special_tokens=False).ids + [eos] for r in chunk]
+        steps = max(map(len, answers))
+        logits = [np.asarray(stepper.prefill(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], steps + 1))]
+        active = [np.ones(len(chunk), bool)]
+        for t in range(steps - 1):  # feed answer token t, predict token t + 1
+            tokens = np.array([a[t] if t < len(a) else pad for a in answers], np.int64)
+            logits.append(np.asarray(stepper.decode(tokens)))
+            active.append(np.array([t + 1 < len(a) for a in answers]))
+        out.append((logits, active))
+    return out
+
+
+def teacher_forced_agreement(reference_stepper, stepper, processor, records, eos: int, pad: int) -> dict:
+    """`logit_quality` (top-1 agreement, KL, cosine) of `stepper` against `reference_stepper`, both
+    fed the prompt and then every gold answer token (eos included)."""
+    from .validate import logit_quality
+
+    ref = teacher_forced_logits(reference_stepper, processor, records, eos, pad)
+    got = teacher_forced_logits(stepper, processor, records, eos, pad)
+    ref_l, got_l, act = [], [], []
+    for (rl, ra), (gl, _) in zip(ref, got):
+        ref_l += rl
+        got_l += gl
+        act += ra
+    return logit_quality(ref_l, got_l, act)
