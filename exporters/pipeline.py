@@ -138,7 +138,9 @@ def export_folder(
             kwargs["ort_fusions"] = ort_fusions
         # A checkpoint folder goes to export_onnx as a path when it takes one (weights streamed
         # from the safetensors files, no model in memory); otherwise the model is loaded here.
-        if model is None and not (spec is not None and Path(spec).is_dir() and _accepts_folder(export_onnx)):
+        from pgexport.api import is_folder_spec
+
+        if model is None and not (spec is not None and is_folder_spec(spec) and _accepts_folder(export_onnx)):
             say(f"loading {spec}")
             model = _load_eager(spec)
         info = export_onnx(model if model is not None else spec, folder, **kwargs)
@@ -242,7 +244,7 @@ def _load(model, processor, say):
             raise PgExportError(f"{spec} holds optimum-quanto weights, which cannot be traced to ONNX; export the float "
                                 "checkpoint with --quant int8 or --quant int4 instead")
         processor = processor or api.load_processor(spec)  # also: a clear error for a bad spec
-        is_dir = Path(spec).is_dir()
+        is_dir = api.is_folder_spec(spec)
         # the folder's name only: the manifest travels with the export, the exporter's paths need not
         source = {"model": Path(spec).resolve().name if is_dir else spec, "kind": "checkpoint" if is_dir else "preset"}
         return spec, None, processor, _with_version(source)
@@ -296,7 +298,9 @@ def _write_tokenizer(processor, spec: str | None, folder: Path) -> str:
     """The checkpoint's own tokenizer files when there are any (byte for byte), else the processor's."""
     from pgexport.tokenizer import SentencePieceTokenizer, save_tokenizer
 
-    src = Path(spec) if spec is not None and Path(spec).is_dir() else None
+    from pgexport.api import is_folder_spec
+
+    src = Path(spec) if spec is not None and is_folder_spec(spec) else None
     if src is not None and ((src / "tokenizer.json").is_file() or (src / "tokenizer.model").is_file()):
         for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
             if (src / name).is_file():

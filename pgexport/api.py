@@ -70,6 +70,20 @@ def _not_found(spec: str) -> PgExportError:
     return PgExportError(f"{spec!r} is neither a checkpoint folder nor a preset; presets: {', '.join(PRESETS)}")
 
 
+def is_folder_spec(spec: str | Path | None) -> bool:
+    """True if `spec` names a checkpoint/export folder rather than a preset.
+
+    A bare preset name (`paligemma-tiny`) always means the preset, whatever folders the current
+    directory holds; write `./paligemma-tiny` to load a folder of that name.
+    """
+    if spec is None:
+        return False
+    from .models.config import PRESETS
+
+    text = str(spec)
+    return Path(text).is_dir() and not (text in PRESETS and "/" not in text and "\\" not in text)
+
+
 def load_model(path_or_preset: str | Path | None = None, dtype: str = "float32", device: str = "cpu", seed: int = 0):
     """Load a checkpoint folder (Hugging Face layout) or build a preset with random weights.
 
@@ -83,7 +97,7 @@ def load_model(path_or_preset: str | Path | None = None, dtype: str = "float32",
 
     spec = str(path_or_preset or default_model())
     dt, dev = torch_dtype(dtype), _resolve_device(device)
-    if Path(spec).is_dir():
+    if is_folder_spec(spec):
         from .quanto_backend import is_quantized_folder, load_quantized
 
         if is_quantized_folder(spec):  # written by `pgexport quantize` (optimum-quanto int8 / int4)
@@ -105,7 +119,7 @@ def load_processor(path_or_preset: str | Path | None = None):
     from .processor import PaliGemmaProcessor
 
     spec = str(path_or_preset or default_model())
-    if Path(spec).is_dir():
+    if is_folder_spec(spec):
         return PaliGemmaProcessor.from_pretrained(spec)
     from .models.config import PRESETS, PaliGemmaConfig
     from .tokenizer import build_paligemma_tokenizer
