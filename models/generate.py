@@ -44,7 +44,7 @@ class EagerStepper:
 
         features = m.encode_image(_tensor(pixel_values, m.dtype, m.device)) if pixel_values is not None else None
         x = m.embed(ids, features)
-        masks = m.masks(torch.arange(S, device=m.device), self.kv_valid, self.kv_prefix, mask.bool())
+        masks = m.masks(torch.arange(S, device=m.device), self.kv_valid[:, :S], self.kv_prefix[:, :S], mask.bool())
         hidden = m.language_model(x, positions_from_mask(mask), masks, self.cache, slot=0)  # [B, S, D]
         return self._logits(hidden[torch.arange(B), last_token_index(mask)])
 
@@ -56,7 +56,8 @@ class EagerStepper:
         self.kv_valid[:, slot] = True
         positions = (self.num_real + 1 + (slot - self.prompt_len))[:, None]  # 1-based, real tokens only
         no_prefix = torch.zeros_like(ids, dtype=torch.bool)
-        masks = m.masks(torch.tensor([slot], device=m.device), self.kv_valid, self.kv_prefix, no_prefix)
+        end = slot + 1  # keys attended: the slots written so far
+        masks = m.masks(torch.tensor([slot], device=m.device), self.kv_valid[:, :end], self.kv_prefix[:, :end], no_prefix)
         hidden = m.language_model(m.embed(ids), positions, masks, self.cache, slot=slot)
         self.slot += 1
         return self._logits(hidden[:, -1])

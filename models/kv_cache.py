@@ -2,9 +2,9 @@
 it returns, so the same decoder serves eager generation and the ONNX graphs.
 
 * `StaticKVCache` (eager generation, gpt-fast style): buffers of the final length are allocated
-  once and each step writes its keys at `slot`. Every decode step then has identical shapes, the
-  cost of a step does not grow with the number of tokens (apart from the attention term, which
-  covers the whole buffer under a mask), and nothing is reallocated.
+  once and each step writes its keys at `slot`. Nothing is reallocated and the cost of a step does
+  not grow with the number of tokens apart from the attention term, which covers the slots
+  written so far (a view of the buffer).
 * `ConcatKVCache` (the ONNX decode graph): past keys come in as graph inputs and the step's keys
   are appended, so the graph's outputs are `[batch, kv_heads, past + new, head_dim]` tensors that
   an application feeds back in. Dynamic length is what ONNX Runtime apps expect.
@@ -26,13 +26,14 @@ class StaticKVCache:
         self.max_len = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write `k, v` `[B, Hkv, S, Dh]` at slots `slot .. slot+S-1`; return the whole buffers."""
+        """Write `k, v` `[B, Hkv, S, Dh]` at slots `slot .. slot+S-1`; return the filled part
+        `[B, Hkv, slot+S, Dh]` (a view: no copy, and no attention over slots not yet written)."""
         end = slot + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; step writes up to {end}")
         self.k[layer][:, :, slot:end] = k
         self.v[layer][:, :, slot:end] = v
-        return self.k[layer], self.v[layer]
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class ConcatKVCache:
