@@ -1,10 +1,15 @@
-"""ONNX export: layout of the folder, each graph vs eager, greedy generation through ONNX Runtime.
+"""ONNX export: layout of the folder, each graph vs eager, greedy generation through ONNX Runtime;
+streaming from a checkpoint folder (same bytes and outputs as the in-memory export, each weight
+read once, memory of about one tensor, bad folders refused); the fp16 export (I/O dtypes,
+accuracy against eager fp32 on ONNX Runtime's CPU provider); the opt-in ORT fusions.
 
 Small and fast: the tiny presets with random weights (std 0.2 so the tokens vary), exported once
 per preset.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import onnx
@@ -275,6 +280,20 @@ def test_streaming_export_equals_in_memory(preset, tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize("variant", ["pg1", "pg2"])
+def test_streaming_export_of_transformers_checkpoint(variant, checkpoints, tmp_path):
+    """A folder written by transformers' `save_pretrained` (its own key naming) streams to the same
+    files as its loaded model exported from memory."""
+    from pgexport.models.checkpoint import load_checkpoint
+
+    ck = checkpoints(variant)
+    streamed = export_onnx(ck.folder, tmp_path / "streamed", progress=None)
+    in_memory = export_onnx(load_checkpoint(ck.folder), tmp_path / "memory", progress=None)
+    assert streamed["files"] == in_memory["files"]
+    for name in streamed["files"]:
+        assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "memory" / name).read_bytes(), name
+
+
 def test_streaming_export_reads_each_weight_once(tmp_path, monkeypatch):
     """Large weights are read from the checkpoint once, when written (never by tracing or the
     optimizer), one at a time; bf16 weights are cast on the way."""
@@ -398,17 +417,9 @@ def test_bad_checkpoints_are_refused(tmp_path):
 def exported_fp16(request, tmp_path_factory):
     model = _tiny_model(request.param)
     out = tmp_path_factory.mktemp("onnx16") / request.param
-    with pytest.warns(UserWarning, match="overflow fp16") if model.cfg.is_paligemma2 else _no_warning():
+    with pytest.warns(UserWarning, match="overflow fp16") if model.cfg.is_paligemma2 else contextlib.nullcontext():
         info = export_onnx(model, out, progress=None, dtype="float16")
     return model, out, info
-
-
-class _no_warning:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_fp16_layout_and_dtypes(exported_fp16):
