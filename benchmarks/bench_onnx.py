@@ -296,13 +296,10 @@ def hf_sharing(ours, attn: str):
     state = ours.state_dict()
     mapped = {}
     for name, _ in hf.named_parameters():
-        if name == "lm_head.weight":
-            continue
-        mapped[name] = state[to_internal_name(name)]
-    missing, unexpected = hf.load_state_dict(mapped, strict=False, assign=True)
-    missing = [m for m in missing if m != "lm_head.weight"]
-    if missing or unexpected:
-        raise RuntimeError(f"transformers parameters not matched: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        # the tied head is the embedding table: map it explicitly so every key is accounted for
+        src = "language_model.embed_tokens.weight" if name == "lm_head.weight" else to_internal_name(name)
+        mapped[name] = state[src]
+    hf.load_state_dict(mapped, strict=True, assign=True)
     hf.tie_weights()
     hf.eval()
     ours_ptrs = {p.data_ptr() for p in ours.parameters()}
