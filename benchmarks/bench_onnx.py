@@ -295,7 +295,7 @@ def hf_sharing(ours, attn: str):
         hf = PaliGemmaForConditionalGeneration(hf_cfg).to(torch.float32)
     state = ours.state_dict()
     mapped = {}
-    for name, _ in hf.named_parameters():
+    for name in hf.state_dict():
         # the tied head is the embedding table: map it explicitly so every key is accounted for
         src = "language_model.embed_tokens.weight" if name == "lm_head.weight" else to_internal_name(name)
         mapped[name] = state[src]
