@@ -54,13 +54,18 @@ def attention(
 ) -> torch.Tensor:
     """Scaled dot-product attention with grouped KV heads and optional Gemma 2 logit soft-cap.
 
-    fp32/bf16 without soft-cap use PyTorch's SDPA. fp16 always takes the explicit path below with
+    fp32/bf16 without soft-cap use PyTorch's SDPA (`enable_gqa` in eager mode; the exported
+    graphs fold the group into the query length instead, which every ONNX runtime can run). fp16 always takes the explicit path below with
     the scores in fp32: the query is scaled before the product so the fp16 scores stay in range,
     and the soft-cap, mask and softmax run in fp32 (an fp16 softmax is what an exported fp16 SDPA
     would otherwise compute).
     """
     B, H, S, Dh = q.shape
     groups = H // k.shape[1]
+    if groups > 1 and q.dtype != torch.float16 and softcap is None and not torch.compiler.is_exporting():
+        # Eager fast path: SDPA maps query head h to KV head h // groups itself (no copy of the
+        # cache) and keeps the small [B, 1, S, T] boolean mask, as transformers does.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     if groups > 1:
         # Multi-query / grouped-query: query head h uses KV head h // groups. Folding the
         # group into the query length lets all its heads share one KV head without copying
