@@ -440,5 +440,66 @@ def finetune(model_spec, data, val_data, out, epochs, max_steps, lr, batch_size,
                  progress=lambda m: click.echo(m, err=True))
 
 
+# ----------------------------------------------------------------------------- bench
+@main.command("bench", cls=_OneLineUsage)
+@click.option("--model", "model_spec", default=None,
+              help="Checkpoint folder, preset, or an export folder (default: the built-in model).")
+@click.option("--backends", default=None,
+              help="Comma-separated: torch, torch-int8, torch-int4, onnx-fp32, onnx-fp16, onnx-int8, onnx-int4 "
+                   "[default: torch,torch-int8,onnx-fp32,onnx-int8,onnx-int4].")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads per backend (default: the libraries' own).")
+@click.option("--images", type=click.IntRange(min=1), default=3, show_default=True, help="Inputs (image + prompt) per pass.")
+@click.option("--new-tokens", type=click.IntRange(min=2), default=16, show_default=True, help="Tokens generated per input.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed passes (after one warm-up).")
+@click.option("--data", default=None, type=click.Path(dir_okay=False),
+              help="Labelled JSONL (pgexport dataset): inputs from it, plus task accuracy per backend.")
+@click.option("--examples", type=click.IntRange(min=1), default=200, show_default=True, help="Records of --data scored.")
+@click.option("--reference", default=None, type=click.Path(file_okay=False),
+              help="With an export folder as --model: the fp32 checkpoint to measure its accuracy against.")
+@click.option("--cache", default=None, type=click.Path(file_okay=False),
+              help="Where prepared variants are kept and reused [default: ~/.cache/pgexport/bench or $PGEXPORT_CACHE/bench].")
+@click.option("--out", default="bench-report", show_default=True, type=click.Path(file_okay=False),
+              help="Report folder: report.md, report.json, PNG plots.")
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
+@click.option("--compare", nargs=2, default=None, type=click.Path(dir_okay=False), metavar="OLD.json NEW.json",
+              help="Compare two reports instead of measuring; exit status 1 when a figure regressed.")
+def bench_command(model_spec, backends, provider, threads, images, new_tokens, repeats, data, examples, reference, cache,
+                  out, no_plots, compare):
+    """Measure latency, memory and accuracy of each backend on this machine and recommend one.
+
+    Each backend runs in its own process: load time, vision encoder, prefill (time to first
+    token), per-token decode (median, p90, tokens/s), peak RSS, size on disk, and accuracy against
+    the fp32 PyTorch model on the same inputs (top-1 agreement, KL, greedy match; with --data also
+    task accuracy). Missing variants are exported once into the cache and reused.
+
+    \b
+    Example:
+      pgexport bench --backends torch,onnx-fp32,onnx-int8,onnx-int4 --out report
+      pgexport bench --model my-checkpoint --data shapes/test.jsonl --threads 4
+      pgexport bench --compare old/report.json report/report.json
+    """
+    if compare:
+        from .bench_report import compare_files
+
+        table, regressions = compare_files(*compare)
+        click.echo(table)
+        if regressions:
+            click.echo(f"{len(regressions)} regression(s) beyond the measured spread:", err=True)
+            for r in regressions:
+                click.echo(f"  {r}", err=True)
+            sys.exit(1)
+        click.echo("no regression beyond the measured spread", err=True)
+        return
+    from .bench import parse_backends, run_bench
+
+    chosen = parse_backends(backends)
+    report = run_bench(model_spec, chosen, provider=provider, threads=threads, images=images, new_tokens=new_tokens,
+                       repeats=repeats, data=data, examples=examples, out=out, cache=cache, reference=reference,
+                       plots=not no_plots, progress=lambda m: click.echo(m, err=True))
+    rec = report["recommendation"]
+    click.echo(f"recommended: {rec['backend'] or 'none'} ({rec['reason']}); report in {Path(out) / 'report.md'}")
+
+
 if __name__ == "__main__":
     main()

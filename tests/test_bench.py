@@ -1,0 +1,134 @@
+"""`pgexport bench`: report schema, plots, accuracy judgement and `--compare`, on the tiny preset."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pgexport.bench import run_bench
+from pgexport.bench_report import PLOTS, SCHEMA, compare_reports
+from pgexport.cli import main
+
+STATS_KEYS = {"n", "median", "p10", "p90", "min", "max", "mean"}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    base = tmp_path_factory.mktemp("bench")
+    model = base / "model"
+    CliRunner().invoke(main, ["init", "--preset", "paligemma-tiny", "--out", str(model)], catch_exceptions=False)
+    report = run_bench(model, ["torch", "onnx-int8"], images=2, new_tokens=5, repeats=2, out=base / "report",
+                       cache=base / "cache", progress=lambda m: None)
+    return {"base": base, "model": model, "report": report}
+
+
+def test_report_follows_the_schema(bench):
+    out = bench["base"] / "report"
+    report = json.loads((out / "report.json").read_text())
+    assert report["schema"] == SCHEMA
+    assert {"cpu_model", "logical_cores", "mem_total_gib", "versions", "onnxruntime_providers", "gpus"} <= set(report["machine"])
+    assert list(report["backends"]) == ["torch", "onnx-int8"]
+    for name, r in report["backends"].items():
+        for key in ("vision_s", "prefill_s", "decode_s"):
+            assert set(r[key]) == STATS_KEYS, (name, key)
+            assert 0 < r[key]["p10"] <= r[key]["median"] <= r[key]["p90"]
+        assert r["vision_s"]["n"] == 2 * 2  # images x repeats, warm-up excluded
+        assert r["decode_s"]["n"] == 2 * 2 * 4  # new_tokens - 1 decode steps each
+        assert len(r["decode_by_position_ms"]) == 4
+        assert r["tokens_per_s"] == pytest.approx(1 / r["decode_s"]["median"])
+        assert r["size_bytes"] > 0 and r["peak_rss_bytes"] >= r["rss_after_load_bytes"] > 0
+        assert r["load_s"] > 0
+        assert {"top1_agreement", "mean_kl", "mean_cosine", "greedy_match_rate"} <= set(r["accuracy"])
+    assert report["recommendation"]["backend"] in report["backends"]
+    md = (out / "report.md").read_text()
+    assert "| backend |" in md and "Recommended:" in md
+
+
+def test_plots_are_valid_pngs(bench):
+    out = bench["base"] / "report"
+    for name in PLOTS:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", name
+        with Image.open(out / name) as im:
+            im.verify()
+            assert im.size[0] > 200 and im.size[1] > 200
+
+
+def test_reference_agrees_with_itself(bench):
+    ref = bench["report"]["backends"]["torch"]["accuracy"]
+    assert ref["top1_agreement"] == 1.0 and ref["mean_kl"] == 0.0 and ref["greedy_match_rate"] == 1.0
+    # the int8 export of the same weights is close to it (a real comparison, not the reference again)
+    q = bench["report"]["backends"]["onnx-int8"]
+    assert q["accuracy"]["mean_kl"] > 0 and q["accuracy"]["top1_agreement"] >= 0.9
+
+
+def _zero_scales(export: Path) -> int:
+    """Overwrite every quantization scale of an export with zeros, in its external data files."""
+    zeroed = 0
+    for graph in export.glob("*.onnx"):
+        model = onnx.load(str(graph), load_external_data=False)
+        for init in model.graph.initializer:
+            if init.name.endswith(("scale", "scales")) and init.data_location == onnx.TensorProto.EXTERNAL:
+                info = {e.key: e.value for e in init.external_data}
+                with open(export / info["location"], "r+b") as f:
+                    f.seek(int(info.get("offset", 0)))
+                    f.write(b"\0" * int(info["length"]))
+                zeroed += 1
+    return zeroed
+
+
+def test_broken_quantized_export_is_reported_inaccurate(bench, tmp_path):
+    good = next((bench["base"] / "cache").glob("*/onnx-int8"))
+    broken = tmp_path / "broken-int8"
+    shutil.copytree(good, broken)
+    assert _zero_scales(broken) > 0
+    report = run_bench(broken, None, images=2, new_tokens=5, repeats=1, out=tmp_path / "r", reference=bench["model"],
+                       plots=False, progress=lambda m: None)
+    r = report["backends"]["onnx-int8"]
+    assert r["accurate"] is False and r["accuracy"]["top1_agreement"] < 0.5, r["accuracy"]
+    assert any("top-1 agreement" in issue for issue in r["accuracy_issues"])
+    assert report["recommendation"]["backend"] == "torch"
+    assert "NO: top-1 agreement" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_compare_flags_an_injected_slowdown(bench, tmp_path):
+    old = json.loads((bench["base"] / "report" / "report.json").read_text())
+    rows, regressions = compare_reports(old, copy.deepcopy(old))
+    assert rows and not regressions
+    slow = copy.deepcopy(old)
+    d = slow["backends"]["onnx-int8"]["decode_s"]
+    width = d["p90"] - d["p10"]
+    for k in ("median", "p10", "p90", "min", "max", "mean"):
+        d[k] = d[k] + 3 * width + 0.5 * old["backends"]["onnx-int8"]["decode_s"]["median"]
+    _, regressions = compare_reports(old, slow)
+    assert len(regressions) == 1 and regressions[0].startswith("onnx-int8 decode")
+    # a change inside the measured spread is not a regression
+    noisy = copy.deepcopy(old)
+    d = noisy["backends"]["torch"]["prefill_s"]
+    d["median"] = d["median"] + 0.5 * (d["p90"] - d["p10"])
+    assert not compare_reports(old, noisy)[1]
+    # through the CLI: exit status 1 and the regression named
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(json.dumps(slow))
+    res = CliRunner().invoke(main, ["bench", "--compare", str(tmp_path / "old.json"), str(tmp_path / "new.json")])
+    assert res.exit_code == 1 and "onnx-int8 decode" in res.output
+    res = CliRunner().invoke(main, ["bench", "--compare", str(tmp_path / "old.json"), str(tmp_path / "old.json")])
+    assert res.exit_code == 0, res.output
+
+
+def test_bad_options_give_one_line_errors(tmp_path):
+    res = CliRunner().invoke(main, ["bench", "--backends", "onnx-int3"])
+    assert res.exit_code == 1 and res.output.count("\n") == 1 and "onnx-int3" in res.output and "onnx-int4" in res.output
+    (tmp_path / "x.json").write_text("{}")
+    res = CliRunner().invoke(main, ["bench", "--compare", str(tmp_path / "x.json"), str(tmp_path / "x.json")])
+    assert res.exit_code == 1 and "not a `pgexport bench` report" in res.output
+    res = CliRunner().invoke(main, ["bench", "--model", str(tmp_path / "missing")])
+    assert res.exit_code == 1 and "not found" in res.output
