@@ -83,7 +83,10 @@ def prepare(model_dir: Path, backend: str, cache: Path, progress: Callable[[str]
     if kind == "onnx":
         from .exporters.pipeline import export_folder
 
-        export_folder(str(model_dir), target, quant=quant, progress=lambda m: progress(f"  {m}"), overwrite=True)
+        # No export validation: the bench measures every variant's accuracy itself (and at 3B the
+        # validation would hold the fp32 eager model beside the sessions).
+        export_folder(str(model_dir), target, quant=quant, progress=lambda m: progress(f"  {m}"), overwrite=True,
+                      validate=False)
     else:
         from .quanto_backend import quantize_checkpoint
 
