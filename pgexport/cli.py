@@ -411,9 +411,12 @@ def dataset(out, seed, n_train, n_val, n_test, size):
 @click.option("--seed", default=0, show_default=True, help="Data-order seed.")
 @click.option("--group-by-image", is_flag=True, help="Batch the examples of an image together (each image encoded once per step).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint if it exists.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (bf16 autocast on cuda).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--bf16/--no-bf16", default=None,
+              help="bf16 autocast (fp32 master weights) [default: on CUDA and on CPUs with native bf16].")
 def finetune(model_spec, data, val_data, out, epochs, max_steps, lr, batch_size, warmup_steps, weight_decay, grad_clip,
-             freeze_vision, freeze_embeddings, eval_every, eval_examples, save_every, seed, group_by_image, resume, device):
+             freeze_vision, freeze_embeddings, eval_every, eval_examples, save_every, seed, group_by_image, resume, device,
+             bf16):
     """Fine-tune a model on JSONL data; the loss covers the suffix only (prefix-LM).
 
     Writes OUT/ in the Hugging Face layout (config.json, model.safetensors, tokenizer.json,
@@ -435,7 +438,8 @@ def finetune(model_spec, data, val_data, out, epochs, max_steps, lr, batch_size,
     config = TrainConfig(epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, warmup_steps=warmup_steps,
                          weight_decay=weight_decay, grad_clip=grad_clip, freeze_vision=freeze_vision,
                          freeze_embeddings=freeze_embeddings, eval_every=eval_every, eval_examples=eval_examples,
-                         save_every=save_every, seed=seed, group_by_image=group_by_image, device=device)
+                         save_every=save_every, seed=seed, group_by_image=group_by_image, device=device,
+                         bf16=bf16)
     run_finetune(model_spec or default_model(), data, out, val_data=val_data, config=config, resume=resume,
                  progress=lambda m: click.echo(m, err=True))
 

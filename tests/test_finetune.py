@@ -15,8 +15,8 @@ from click.testing import CliRunner
 import pgexport
 from pgexport.cli import main
 from pgexport.dataset import read_jsonl, write_dataset
-from pgexport.finetune import (TrainConfig, collate, evaluate, finetune, lr_at, own_parameters, suffix_loss,
-                               training_loss)
+from pgexport.finetune import (TrainConfig, collate, evaluate, finetune, lr_at, native_bf16, own_parameters,
+                               suffix_loss, training_loss)
 from pgexport.models.checkpoint import load_checkpoint
 
 
@@ -96,6 +96,20 @@ def test_grouped_batch_encodes_each_image_once_with_the_same_loss(tiny_folder, s
                       suffixes=[r.suffix for r in records], padding_side="right", return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(training_loss(model, grouped, False), training_loss(model, plain, False))
+
+
+def test_bf16_autocast_loss_close_to_fp32(tiny_folder, shapes):
+    """bf16 autocast (default on CPUs with native bf16) computes the same loss to bf16 precision."""
+    from pgexport.measure import _cpu_flags
+
+    assert native_bf16(torch.device("cpu")) == bool({"avx512_bf16", "amx_bf16"} & set(_cpu_flags()))
+    model = load_checkpoint(tiny_folder)
+    processor = pgexport.load_processor(tiny_folder)
+    batch = collate(processor, read_jsonl(shapes / "train.jsonl")[:10], "cpu")
+    with torch.no_grad():
+        full, half = training_loss(model, batch, False), training_loss(model, batch, True)
+    assert half.dtype == torch.float32 and full != half  # really computed in bf16, loss returned in fp32
+    torch.testing.assert_close(half, full, rtol=2e-2, atol=0)
 
 
 def test_lr_schedule():
