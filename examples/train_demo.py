@@ -1,7 +1,11 @@
-"""Train the built-in demo model from scratch on the synthetic shapes data (CPU, ~20 min).
+"""Train the built-in demo model from scratch on the synthetic shapes data (CPU).
 
-    python examples/train_demo.py                       # writes pgexport/assets/demo/
+    python examples/train_demo.py --threads 1           # writes pgexport/assets/demo/ (54 min, 1 core)
     python examples/train_demo.py --steps 100 --out /tmp/demo-try   # a quick trial
+
+The shipped model came from the first command (6000 steps of 64 examples, bf16 autocast on an
+AVX512-BF16 CPU): exact match 0.69 over captions and questions, detection IoU 0.66 on the seed-1234
+test set, short of the targets (0.95 / 0.70); see README "the demo model".
 
 Steps: generate the dataset (seed 0), build a random `demo_config()` PaliGemma with the
 512-token stand-in tokenizer, train it with `pgexport.finetune` (the same recipe as
@@ -48,24 +52,48 @@ def smooth_loc_embeddings_(model: PaliGemma, std: float = 0.02) -> None:
         model.language_model.embed_tokens.weight[first_loc:first_loc + 1024] = table.to(torch.float32)
 
 
+def sincos_position_embeddings_(model: PaliGemma, rms: float = 1.0) -> None:
+    """Initialise SigLIP's learned position embeddings with a 2-D sine-cosine code of the patch's
+    (row, column), as MAE does. With N(0, std) init the position signal is ~25x weaker than the
+    patch content, and the small model takes thousands of steps to learn where things are."""
+    emb = model.vision_tower.embeddings.position_embedding.weight  # [N, D]
+    side, d = int(round(emb.shape[0] ** 0.5)), emb.shape[1]
+    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64),
+                                indexing="ij")
+    freqs = 1.0 / (side ** (torch.arange(d // 4, dtype=torch.float64) / (d // 4)))  # [D/4] from 1 to ~1/side
+    parts = [f(c.reshape(-1, 1) * freqs * torch.pi / 2) for c in (rows, cols) for f in (torch.sin, torch.cos)]
+    table = torch.cat(parts, dim=1)  # [N, D]
+    table = table / table.pow(2).mean().sqrt() * rms
+    with torch.no_grad():
+        emb.copy_(table.to(emb.dtype))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(DEMO_DIR), help="model folder to write (default: the packaged demo)")
     ap.add_argument("--work", default=None, help="folder for the dataset and checkpoints (default: a temp dir)")
-    ap.add_argument("--train-images", type=int, default=4000)
+    ap.add_argument("--train-images", type=int, default=12000)
     ap.add_argument("--val-images", type=int, default=60)
     ap.add_argument("--test-images", type=int, default=100, help="images of the fresh test set (seed 1234)")
-    ap.add_argument("--steps", type=int, default=1200)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--init-std", type=float, default=0.06,
                     help="std of the random initial weights (0.02, usual for wide models, leaves this narrow "
                          "model ignoring the image for hundreds of steps)")
     ap.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"],
                     help="dtype of the saved weights (float16: 4 MB; float32 would be 8.2 MB, over the 8 MB budget)")
+    ap.add_argument("--pos-init", default="sincos", choices=["sincos", "random"],
+                    help="initial vision position embeddings (see sincos_position_embeddings_)")
+    ap.add_argument("--group-by-image", type=int, default=1,
+                    help="1: a batch holds all tasks of a few images (each encoded once); 0: one row per image")
+    ap.add_argument("--image-size", type=int, default=112)
+    ap.add_argument("--patch-size", type=int, default=14)
+    ap.add_argument("--bf16", type=int, default=None, help="1/0: bf16 autocast on/off (default: where native)")
+    ap.add_argument("--kv-heads", type=int, default=4)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -74,15 +102,17 @@ def main(argv=None) -> int:
     data = work / "data"
     if not (data / "train.jsonl").is_file():
         write_dataset(data, seed=args.seed, train=args.train_images, val=args.val_images, test=0, progress=print)
-    model_cfg = demo_config()
+    model_cfg = demo_config(args.image_size, args.patch_size, args.kv_heads)
     processor = PaliGemmaProcessor(build_paligemma_tokenizer(DEMO_BASE_VOCAB), image_size=model_cfg.vision.image_size,
                                    num_image_tokens=model_cfg.num_image_tokens)
     model = PaliGemma.random(model_cfg, seed=args.seed, std=args.init_std)
     smooth_loc_embeddings_(model)
+    if args.pos_init == "sincos":
+        sincos_position_embeddings_(model)
     cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=0.01,
-                      warmup_steps=50, min_lr_ratio=0.02, seed=args.seed, log_every=20, group_by_image=True,
+                      warmup_steps=50, min_lr_ratio=0.02, seed=args.seed, log_every=20, group_by_image=bool(args.group_by_image),
                       eval_every=max(args.steps // 4, 1), eval_examples=150, max_new_tokens=40,
-                      device=args.device)
+                      device=args.device, bf16=None if args.bf16 is None else bool(args.bf16))
     result = finetune(model, data / "train.jsonl", work / "run", val_data=data / "val.jsonl", processor=processor,
                       config=cfg)
     train_seconds = time.time() - t0

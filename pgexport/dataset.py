@@ -51,6 +51,7 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 NUMBERS = ("zero", "one", "two", "three")
 CELL_NAMES = (("top left", "top", "top right"), ("left", "center", "right"),
               ("bottom left", "bottom", "bottom right"))
+SIDE = (0.50, 0.85)  # a shape's side as a fraction of its grid cell's
 TASKS = ("caption", "color", "count", "position", "detect")
 SPLITS = ("train", "val", "test")
 
@@ -95,7 +96,7 @@ def random_scene(rng: np.random.Generator, size: int = IMAGE_SIZE) -> Scene:
     shapes = []
     for c in cells:
         row, col = divmod(c, GRID)
-        side = int(rng.integers(int(cell_px * 0.40), int(cell_px * 0.80) + 1))  # 29..59 px at 224
+        side = int(rng.integers(int(cell_px * SIDE[0]), int(cell_px * SIDE[1]) + 1))  # 37..63 px at 224
         margin = 3
         lo_x, lo_y = int(col * cell_px) + margin, int(row * cell_px) + margin
         hi_x, hi_y = int((col + 1) * cell_px) - margin - side, int((row + 1) * cell_px) - margin - side
