@@ -104,23 +104,15 @@ AUX_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "spec
 
 
 def _mem_available() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    from pgexport.measure import _meminfo_kb
+
+    return (_meminfo_kb("MemAvailable") or 0) * 1024
 
 
 def _mem_total() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    from pgexport.measure import _meminfo_kb
+
+    return (_meminfo_kb("MemTotal") or 0) * 1024
 
 
 def _folder_bytes(path) -> int:
