@@ -63,7 +63,8 @@ class PaliGemma(nn.Module):
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings `[B, S, D]` with image features written over the `<image>` slots."""
         is_image = input_ids == self.cfg.image_token_id  # [B, S]
-        # `<image>` may lie outside the embedding table (vocab 257152 rows): look up pad instead.
+        # `<image>` rows of the table are never used (the features replace them), and a config may put the
+        # id at or past the end of the table: look up pad there instead.
         x = self.language_model.embed(torch.where(is_image, torch.zeros_like(input_ids), input_ids))
         if image_features is not None:
             feats = image_features.to(x.dtype)  # [B, N, D]
