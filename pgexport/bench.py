@@ -123,6 +123,21 @@ def _inputs(images: int, data: str | None, work: Path) -> list[dict]:
     return out
 
 
+def _check_cuda(backends) -> None:
+    """Fail before any export when --provider cuda cannot run here."""
+    names = parse_backends(",".join(backends) if isinstance(backends, (list, tuple)) else backends)
+    if any(b.startswith("onnx") for b in names):
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            raise PgExportError("--provider cuda: this onnxruntime has no CUDAExecutionProvider; install "
+                                "onnxruntime-gpu, or leave the onnx-* backends out, or use --provider cpu")
+    import torch  # the fp32 reference always runs
+
+    if not torch.cuda.is_available():
+        raise PgExportError("--provider cuda: PyTorch sees no CUDA device; use --provider cpu")
+
+
 def _run_worker(spec: dict, work: Path, progress: Callable[[str], None]) -> dict:
     name = spec["backend"]
     spec_path, result_path = work / f"{name}.spec.json", work / f"{name}.result.json"
@@ -166,6 +181,12 @@ def run_bench(model: str | os.PathLike | None = None, backends: list[str] | None
         raise PgExportError("--images and --repeats must be >= 1 and --new-tokens >= 2")
     if provider not in ("cpu", "cuda"):
         raise PgExportError(f"unknown --provider {provider!r}; use cpu or cuda")
+    if provider == "cuda":
+        _check_cuda(backends)
+    if data is not None:
+        from .dataset import read_jsonl
+
+        read_jsonl(data)  # a missing or malformed file fails here, before any variant is prepared
     spec_model = str(model or default_model())
     cache = Path(cache) if cache else default_cache()
     out = Path(out)
