@@ -34,7 +34,7 @@ from .manifest import MANIFEST_FILE
 BACKENDS = ("torch", "torch-int8", "torch-int4", "onnx-fp32", "onnx-fp16", "onnx-int8", "onnx-int4")
 DEFAULT_BACKENDS = ("torch", "torch-int8", "onnx-fp32", "onnx-int8", "onnx-int4")
 REFERENCE = "torch"  # fp32 eager PyTorch: what every accuracy figure is measured against
-DEFAULT_PROMPTS = ("caption en", "answer en how many shapes are there?", "detect circle")
+DEFAULT_TASKS = ("caption", "detect", "color", "count", "position")  # synthetic inputs' prompts, in turn
 
 
 def parse_backends(text: str | None) -> list[str]:
@@ -96,7 +96,7 @@ def prepare(model_dir: Path, backend: str, cache: Path, progress: Callable[[str]
 
 def _inputs(images: int, data: str | None, work: Path) -> list[dict]:
     """`images` (image, prompt) pairs: from the labelled data when given, else synthetic shapes
-    scenes (pgexport.dataset) with a caption, a question and a detection prompt in turn."""
+    scenes (pgexport.dataset) with the dataset's caption, detection and question prompts in turn."""
     if data:
         from .dataset import read_jsonl
 
@@ -111,15 +111,19 @@ def _inputs(images: int, data: str | None, work: Path) -> list[dict]:
         return out
     import numpy as np
 
-    from .dataset import random_scene, render
+    from .dataset import random_scene, render, scene_tasks
 
     rng = np.random.default_rng(2024)
     out = []
     for i in range(images):
         work.mkdir(parents=True, exist_ok=True)
         path = (work / f"input_{i}.png").resolve()
-        render(random_scene(rng)).save(path)
-        out.append({"image": str(path), "prompt": DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)]})
+        scene = random_scene(rng)
+        render(scene).save(path)
+        # a caption, a question or a detection prompt in turn, each one that fits the scene
+        tasks = {task: prefix for task, prefix, _ in scene_tasks(scene, rng)}
+        kind = DEFAULT_TASKS[i % len(DEFAULT_TASKS)]
+        out.append({"image": str(path), "prompt": tasks.get(kind, tasks["caption"])})
     return out
 
 
@@ -163,7 +167,7 @@ def _run_worker(spec: dict, work: Path, progress: Callable[[str], None]) -> dict
 
 
 def run_bench(model: str | os.PathLike | None = None, backends: list[str] | None = None, provider: str = "cpu",
-              threads: int | None = None, images: int = 3, new_tokens: int = 16, repeats: int = 3,
+              threads: int | None = None, images: int = 8, new_tokens: int = 16, repeats: int = 3,
               data: str | None = None, examples: int = 200, out: str | os.PathLike = "bench-report",
               cache: str | os.PathLike | None = None, reference: str | os.PathLike | None = None, plots: bool = True,
               progress: Callable[[str], None] = print) -> dict:

@@ -453,7 +453,8 @@ def finetune(model_spec, data, val_data, out, epochs, max_steps, lr, batch_size,
                    "[default: torch,torch-int8,onnx-fp32,onnx-int8,onnx-int4].")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads per backend (default: the libraries' own).")
-@click.option("--images", type=click.IntRange(min=1), default=3, show_default=True, help="Inputs (image + prompt) per pass.")
+@click.option("--images", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Inputs (image + prompt) per pass; the accuracy figures are computed over them (fewer = noisier).")
 @click.option("--new-tokens", type=click.IntRange(min=2), default=16, show_default=True, help="Tokens generated per input.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed passes (after one warm-up).")
 @click.option("--data", default=None, type=click.Path(dir_okay=False),
