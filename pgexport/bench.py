@@ -9,8 +9,8 @@ The model: a checkpoint folder (or preset name) is the fp32 PyTorch reference, a
 backend is prepared from it into a cache folder (`--cache`, default
 `~/.cache/pgexport/bench/<model digest>/<backend>`), reused on the next run: ONNX exports by
 `exporters/pipeline.export_folder`, quanto folders by `quanto_backend.quantize_checkpoint`. An
-export folder (holding `pgexport.json`) is measured as it is; its accuracy is measured against its
-source checkpoint when the manifest's `source` folder still exists.
+export folder (holding `pgexport.json`) is measured as it is (`--backends` does not apply); its
+accuracy is measured against the fp32 checkpoint given as `reference` (`--reference`).
 
 Each backend runs in a process of its own (`pgexport/bench_worker.py` says what is timed), one
 after the other, the reference first. The report (`report.json`, `report.md`, PNG plots) is
@@ -68,12 +68,15 @@ def default_cache() -> Path:
     return Path(os.environ.get("PGEXPORT_CACHE", Path.home() / ".cache" / "pgexport")) / "bench"
 
 
-def prepare(model_dir: Path, backend: str, cache: Path, progress: Callable[[str], None]) -> Path:
+def prepare(model_dir: Path, backend: str, cache: Path, progress: Callable[[str], None], provider: str = "cpu") -> Path:
     """The folder `backend` loads: the checkpoint itself for "torch", else a cached variant
-    (created on the first run, atomically, then reused)."""
+    (created on the first run, atomically, then reused). int8/int4 exports for CUDA are their own
+    variants (`--target cuda`: MatMulNBits, which the CUDA provider runs; the CPU int8 export uses
+    DynamicQuantizeMatMul, which ONNX Runtime runs on the CPU only)."""
     if backend == "torch":
         return model_dir
-    target = cache / backend
+    cuda_quant = provider == "cuda" and backend in ("onnx-int8", "onnx-int4")
+    target = cache / (backend + ("-cuda" if cuda_quant else ""))
     done = target / (MANIFEST_FILE if backend.startswith("onnx") else "config.json")
     if done.is_file():
         progress(f"{backend}: reusing {target}")
@@ -86,7 +89,7 @@ def prepare(model_dir: Path, backend: str, cache: Path, progress: Callable[[str]
         # No export validation: the bench measures every variant's accuracy itself (and at 3B the
         # validation would hold the fp32 eager model beside the sessions).
         export_folder(str(model_dir), target, quant=quant, progress=lambda m: progress(f"  {m}"), overwrite=True,
-                      validate=False)
+                      validate=False, quant_options={"target": "cuda"} if cuda_quant else None)
     else:
         from .quanto_backend import quantize_checkpoint
 
@@ -95,20 +98,19 @@ def prepare(model_dir: Path, backend: str, cache: Path, progress: Callable[[str]
 
 
 def _inputs(images: int, data: str | None, work: Path) -> list[dict]:
-    """`images` (image, prompt) pairs: from the labelled data when given, else synthetic shapes
-    scenes (pgexport.dataset) with the dataset's caption, detection and question prompts in turn."""
+    """`images` (image, prompt) pairs: records spread over the labelled data when given (fewer if
+    it holds fewer), else synthetic shapes scenes (pgexport.dataset) with the dataset's caption,
+    detection and question prompts in turn."""
     if data:
+        import numpy as np
+
         from .dataset import read_jsonl
 
         records = read_jsonl(data)
-        seen, out = set(), []
-        for r in records:
-            if r.image not in seen:
-                seen.add(r.image)
-                out.append({"image": r.image, "prompt": r.prefix})
-            if len(out) == images:
-                break
-        return out
+        # evenly spread over the file, so that the prompts mix its tasks (a dataset lists each
+        # image's tasks together)
+        picks = sorted(set(np.linspace(0, len(records) - 1, min(images, len(records))).round().astype(int)))
+        return [{"image": records[i].image, "prompt": records[i].prefix} for i in picks]
     import numpy as np
 
     from .dataset import random_scene, render, scene_tasks
@@ -153,16 +155,18 @@ def _run_worker(spec: dict, work: Path, progress: Callable[[str], None]) -> dict
 
     proc = subprocess.Popen([sys.executable, "-m", "pgexport.bench_worker", str(spec_path), str(result_path)],
                             env=env, stderr=subprocess.PIPE, text=True)
-    tail: list[str] = []
-    for line in proc.stderr:  # live progress; the rest is kept for the error message
+    other: list[str] = []
+    for line in proc.stderr:  # live progress; the rest is kept for the log
         if line.startswith(PROGRESS):
             progress("  " + line[len(PROGRESS):].rstrip())
         elif line.strip():
-            tail = (tail + [line.strip()])[-20:]
+            other.append(line.rstrip())
     proc.wait()
     if proc.returncode != 0 or not result_path.is_file():
-        raise PgExportError(f"backend {name} failed: {tail[-1] if tail else 'no output'}"
-                            f" (exit status {proc.returncode}; run with --debug for the worker's output)")
+        log = Path(spec["log"])
+        log.write_text("\n".join(other) + "\n")
+        raise PgExportError(f"backend {name} failed: {other[-1].strip() if other else 'no output'}"
+                            f" (exit status {proc.returncode}; the worker's output is in {log})")
     return json.loads(result_path.read_text())
 
 
@@ -224,11 +228,17 @@ def run_bench(model: str | os.PathLike | None = None, backends: list[str] | None
         cache = cache / model_digest(folder)
         plan = {}
         for b in [REFERENCE] + [b for b in chosen if b != REFERENCE]:  # the reference runs first
-            plan[b] = prepare(folder, b, cache, progress)
+            plan[b] = prepare(folder, b, cache, progress, provider)
         if REFERENCE not in chosen:
             notes.append("torch fp32 ran as the accuracy reference although it was not requested")
     processor_dir = folder
+    if provider == "cuda" and any(b.startswith("onnx") for b in plan):
+        notes.append("peak GPU memory is measured for PyTorch only (torch.cuda.max_memory_allocated); ONNX Runtime "
+                     "exposes no per-session peak")
 
+    from .measure import machine_info
+
+    machine = machine_info()  # at the start: memory available and load before the bench's own
     work = Path(tempfile.mkdtemp(prefix=".bench-", dir=out))
     try:
         inputs = _inputs(images, data, out / "inputs")
@@ -237,7 +247,8 @@ def run_bench(model: str | os.PathLike | None = None, backends: list[str] | None
             progress(f"[{i}/{len(plan)}] {name}: measuring ({images} inputs x {repeats} passes, {new_tokens} tokens)")
             spec = {"backend": name, "path": str(path), "processor": str(processor_dir), "provider": provider,
                     "threads": threads, "inputs": inputs, "new_tokens": new_tokens, "repeats": repeats,
-                    "reference": ref_logits, "data": data, "examples": examples, "progress": True}
+                    "reference": ref_logits, "data": data, "examples": examples, "progress": True,
+                    "log": str(out / f"{name}.worker.log")}
             if name == REFERENCE:
                 spec["logits_out"] = str(work / "reference.npz")
             r = _run_worker(spec, work, progress)
@@ -248,10 +259,12 @@ def run_bench(model: str | os.PathLike | None = None, backends: list[str] | None
             progress(f"[{i}/{len(plan)}] {name}: prefill {r['prefill_s']['median'] * 1e3:.1f} ms, "
                      f"decode {r['decode_s']['median'] * 1e3:.2f} ms/token"
                      + (f", top-1 {r['accuracy']['top1_agreement']:.3f}" if r.get("accuracy") else ""))
-        settings = {"model": str(folder), "provider": provider, "threads": threads, "images": images,
+        if len(inputs) < images:
+            notes.append(f"--data holds {len(inputs)} records: {len(inputs)} inputs were measured, not {images}")
+        settings = {"model": str(folder), "provider": provider, "threads": threads, "images": len(inputs),
                     "new_tokens": new_tokens, "repeats": repeats, "data": data, "examples": examples if data else None,
                     "inputs": inputs, "cache": str(cache)}
-        report = write_report(out, results, settings, notes, plots=plots, progress=progress)
+        report = write_report(out, results, settings, notes, plots=plots, progress=progress, machine=machine)
     finally:
         import shutil
 
