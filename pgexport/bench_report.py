@@ -58,7 +58,7 @@ def judge(name: str, r: dict, reference: dict | None) -> list[str]:
         return ["no reference to compare with"]
     g = _gate(name)
     if acc["top1_agreement"] < g["min_top1"]:
-        issues.append(f"top-1 agreement {acc['top1_agreement']:.3f} < {g['min_top1']}")
+        issues.append(f"top-1 agreement {acc['top1_agreement']:.4f} < {g['min_top1']}")
     ta, ref_ta = r.get("task_accuracy"), (reference or {}).get("task_accuracy")
     if ta and ref_ta:
         for key in ("exact_match", "detect_iou"):
