@@ -51,7 +51,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -77,6 +76,7 @@ from pgexport.measure import (  # noqa: E402
     reset_peak_rss,
     write_results,
 )
+from pgexport.staging import move_into_place, staging_folder  # noqa: E402
 
 PARTS = ("transformers", "torch", "onnx-fp32", "onnx-int8", "onnx-int4", "torch-int8", "torch-int4",
          "baseline-a", "baseline-b")
@@ -217,17 +217,13 @@ def job_reduce(spec: dict) -> dict:
     t = time.perf_counter()
     reset_peak_rss()
     model = reduce_depth(load_checkpoint(src), spec["layers"])  # memory-mapped, nothing copied
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_folder(out)
     try:
         save_checkpoint(model, tmp, max_shard_bytes=2 << 30)
         for name in AUX_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"seconds": time.perf_counter() - t, "peak_rss": peak_rss_bytes()}
@@ -242,8 +238,7 @@ def job_quantize_dynamic(spec: dict) -> dict:
     src, out = Path(spec["src"]), Path(spec["out"])
     op_types = spec["op_types"]  # None: ORT's default (every op of its IntegerOps registry)
     manifest = read_manifest(src)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_folder(out)
     t = time.perf_counter()
     graphs, peak = {}, 0
     resettable = reset_peak_rss()
@@ -278,10 +273,7 @@ def job_quantize_dynamic(spec: dict) -> dict:
         }
         manifest.files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file() and p.name != "pgexport.json"}
         write_manifest(tmp, manifest)
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         for f in src.glob("*-inferred.onnx"):  # quantize_dynamic's shape-inference copy, if it was interrupted
@@ -341,8 +333,7 @@ def job_gemma_folder(spec: dict) -> dict:
     if layers is not None:
         t = cfg.text
         cfg = cfg.replace(text={"num_hidden_layers": layers, **({"layer_types": t.layer_types[:layers]} if t.layer_types else {})})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_folder(out)
     t0 = time.perf_counter()
     reset_peak_rss()
     try:
@@ -387,10 +378,7 @@ def job_gemma_folder(spec: dict) -> dict:
         for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"seconds": time.perf_counter() - t0, "peak_rss": peak_rss_bytes(), "weight_bytes": total}

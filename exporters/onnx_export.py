@@ -59,7 +59,6 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -132,10 +131,9 @@ def export_onnx(
     _check_source_shapes(source, fake_model)
     graphs = VisionEncoderGraph(fake_model), PrefillGraph(fake_model), DecodeGraph(fake_model)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result is an ordinary folder
+    from pgexport.staging import move_into_place, staging_folder
+
+    tmp = staging_folder(out_dir)
     try:
         # Vision encoder: its own data file.
         say(f"exporting {VISION_FILE} ({dtype}, weights from {source.describe()})")
@@ -173,7 +171,7 @@ def export_onnx(
         tensors = {VISION_DATA: len(_external_refs(tmp / VISION_FILE))}
         tensors[DECODER_DATA] = len(_external_refs(tmp / PREFILL_FILE) | _external_refs(tmp / DECODE_FILE))
 
-        _move_into_place(tmp, out_dir)
+        move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -510,11 +508,3 @@ def check_external_data(path: str | os.PathLike) -> None:
             raise ValueError(f"{path.name}: external data {location!r} [{offset}, +{length}) runs past the end of the file")
 
 
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)

@@ -26,12 +26,12 @@ import inspect
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 from pgexport.errors import PgExportError
 from pgexport.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest, write_manifest
+from pgexport.staging import move_into_place, staging_folder
 
 QUANTS = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16"}
 # Weight quantization (exporters/quantize.py): float32 graphs, int8 / int4 weights.
@@ -123,8 +123,7 @@ def export_folder(
 
     spec, model, processor, source = _load(model, processor, say)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging_root = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    staging_root = staging_folder(out_dir)
     folder = staging_root / out_dir.name
     try:
         kwargs = {"opset": opset, "progress": say}
@@ -211,7 +210,7 @@ def export_folder(
                 + ("" if report["passed"] else " (FAILED)"))
         manifest.files = _file_sizes(folder)
         write_manifest(folder, manifest)
-        _move_into_place(folder, out_dir)
+        move_into_place(folder, out_dir)
     except BaseException:
         shutil.rmtree(staging_root, ignore_errors=True)
         raise
@@ -339,14 +338,3 @@ def _file_sizes(folder: Path) -> dict[str, int]:
             if p.is_file() and p.name != MANIFEST_FILE and not p.name.startswith(".")}
 
 
-def _move_into_place(folder: Path, out_dir: Path) -> None:
-    """Rename the finished folder to `out_dir`; an existing `out_dir` is replaced only at the end."""
-    if out_dir.is_dir() and not any(out_dir.iterdir()):
-        out_dir.rmdir()
-    if not out_dir.exists():
-        os.replace(folder, out_dir)
-        return
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    os.replace(out_dir, old)
-    os.replace(folder, out_dir)
-    shutil.rmtree(old, ignore_errors=True)

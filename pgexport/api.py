@@ -140,7 +140,6 @@ def init_checkpoint(preset: str, out: str | Path, seed: int = 0, dtype: str = "f
     >>> init_checkpoint("paligemma2-tiny", "tiny2", seed=1)  # doctest: +SKIP
     """
     import shutil
-    import tempfile
 
     from .image import write_preprocessor_config
     from .models.checkpoint import save_checkpoint
@@ -152,9 +151,9 @@ def init_checkpoint(preset: str, out: str | Path, seed: int = 0, dtype: str = "f
     if out.exists() and any(out.iterdir()):
         raise PgExportError(f"{out} exists and is not empty; choose another --out or remove it")
     cfg = PaliGemmaConfig.from_preset(preset)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    tmp.chmod(0o755)
+    from .staging import move_into_place, staging_folder
+
+    tmp = staging_folder(out)
     try:
         progress(f"building {preset} with random weights (seed {seed}, {dtype})")
         model = PaliGemma.random(cfg, seed=seed, dtype=torch_dtype(dtype))
@@ -162,9 +161,7 @@ def init_checkpoint(preset: str, out: str | Path, seed: int = 0, dtype: str = "f
         save_checkpoint(model, tmp, max_shard_bytes=2 << 30)
         save_tokenizer(build_paligemma_tokenizer(cfg.image_token_id - 1152), tmp)
         write_preprocessor_config(tmp, cfg.vision.image_size, cfg.num_image_tokens)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
+        move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -97,16 +97,13 @@ def prepare(model_dir: Path, backend: str, cache: Path, progress: Callable[[str]
     return target
 
 
-def _inputs(images: int, data: str | None, work: Path) -> list[dict]:
+def _inputs(images: int, records: list | None, work: Path) -> list[dict]:
     """`images` (image, prompt) pairs: records spread over the labelled data when given (fewer if
     it holds fewer), else synthetic shapes scenes (pgexport.dataset) with the dataset's caption,
     detection and question prompts in turn."""
-    if data:
+    if records:
         import numpy as np
 
-        from .dataset import read_jsonl
-
-        records = read_jsonl(data)
         # evenly spread over the file, so that the prompts mix its tasks (a dataset lists each
         # image's tasks together)
         picks = sorted(set(np.linspace(0, len(records) - 1, min(images, len(records))).round().astype(int)))
@@ -191,10 +188,11 @@ def run_bench(model: str | os.PathLike | None = None, backends: list[str] | None
         raise PgExportError(f"unknown --provider {provider!r}; use cpu or cuda")
     if provider == "cuda":
         _check_cuda(backends)
+    records = None
     if data is not None:
         from .dataset import read_jsonl
 
-        read_jsonl(data)  # a missing or malformed file fails here, before any variant is prepared
+        records = read_jsonl(data)  # a missing or malformed file fails here, before any variant is prepared
     spec_model = str(model or default_model())
     cache = Path(cache) if cache else default_cache()
     out = Path(out)
@@ -241,7 +239,7 @@ def run_bench(model: str | os.PathLike | None = None, backends: list[str] | None
     machine = machine_info()  # at the start: memory available and load before the bench's own
     work = Path(tempfile.mkdtemp(prefix=".bench-", dir=out))
     try:
-        inputs = _inputs(images, data, out / "inputs")
+        inputs = _inputs(images, records, out / "inputs")
         results, ref_logits = {}, None
         for i, (name, path) in enumerate(plan.items(), 1):
             progress(f"[{i}/{len(plan)}] {name}: measuring ({images} inputs x {repeats} passes, {new_tokens} tokens)")

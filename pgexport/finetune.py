@@ -32,7 +32,6 @@ import dataclasses
 import json
 import math
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,10 +244,9 @@ def save_training_state(folder: Path, model, optimizer, named, step: int, total_
     """Write a resumable checkpoint into `folder` (replaced atomically)."""
     from .models.checkpoint import save_checkpoint
 
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    tmp.chmod(0o755)  # mkdtemp makes it private
+    from .staging import move_into_place, staging_folder
+
+    tmp = staging_folder(folder)
     try:
         save_checkpoint(model, tmp)
         sd = optimizer.state_dict()
@@ -262,12 +260,7 @@ def save_training_state(folder: Path, model, optimizer, named, step: int, total_
         state = {"step": step, "total_steps": total_steps, "config": cfg.to_json(),
                  "param_names": [n for n, _ in named], "param_groups": groups, **(extra or {})}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-        old = folder.with_name(f".{folder.name}.old")
-        if folder.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+        move_into_place(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

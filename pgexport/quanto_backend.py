@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from .errors import PgExportError
@@ -123,12 +122,10 @@ def quantize_checkpoint(model, out_dir: str | os.PathLike, quant: str = "int8", 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     qmap = quanto.quantization_map(model)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    from .staging import move_into_place, staging_folder
+
+    tmp = staging_folder(out_dir)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt", "quantizer": "optimum-quanto",
                                                         "pgexport_quant": quant})
         (tmp / QMAP_FILE).write_text(json.dumps(qmap, indent=2, sort_keys=True) + "\n")
@@ -139,9 +136,7 @@ def quantize_checkpoint(model, out_dir: str | os.PathLike, quant: str = "int8", 
                     shutil.copyfile(Path(spec) / name, tmp / name)
         if not any((tmp / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
             _write_processor_files(processor, model.cfg, tmp)
-        if out_dir.is_dir():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

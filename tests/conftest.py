@@ -105,6 +105,22 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def loud_weights_(model, seed: int, norm_std: float, post_norm_shift: float = 0.0):
+    """On top of `PaliGemma.random`: a small random embedding and random Gemma norm weights (the
+    post-norms of Gemma 2 shifted by `post_norm_shift`), so that greedy decoding of a random model
+    varies instead of repeating one token. Seeded by `seed + 1`; returns the model in eval mode."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "embed_tokens" in name:
+                p.normal_(0.0, 0.05, generator=g)
+            elif "norm" in name and "language_model" in name:
+                p.normal_(0.0, norm_std, generator=g)
+                if post_norm_shift and "post_" in name:
+                    p += post_norm_shift
+    return model.eval()
+
+
 def build_hf_model(cfg: PaliGemmaConfig, seed: int = 0):
     """A random `transformers.PaliGemmaForConditionalGeneration` (fp32, eval, eager attention)."""
     import transformers

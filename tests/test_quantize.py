@@ -75,15 +75,9 @@ def small_config() -> PaliGemmaConfig:
 
 
 def small_model(cfg: PaliGemmaConfig | None = None, seed: int = 0) -> PaliGemma:
-    model = PaliGemma.random(cfg or small_config(), seed=seed, std=0.08)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "embed_tokens" in name:
-                p.normal_(0.0, 0.05, generator=g)
-            elif "norm" in name and "language_model" in name:
-                p.normal_(0.0, 0.3, generator=g)
-    return model.eval()
+    from conftest import loud_weights_
+
+    return loud_weights_(PaliGemma.random(cfg or small_config(), seed=seed, std=0.08), seed, norm_std=0.3)
 
 
 def processor_for(cfg: PaliGemmaConfig) -> PaliGemmaProcessor:

@@ -47,17 +47,9 @@ def config() -> PaliGemmaConfig:
 
 def random_model(seed: int = 0) -> PaliGemma:
     """Weights loud enough for greedy decoding to vary (a random Gemma 2 otherwise repeats one token)."""
-    model = PaliGemma.random(config(), seed=seed, std=0.08)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "embed_tokens" in name:
-                p.normal_(0.0, 0.05, generator=g)
-            elif "norm" in name and "language_model" in name:
-                p.normal_(0.0, 0.5, generator=g)
-                if "post_" in name:
-                    p += 4.0
-    return model.eval()
+    from conftest import loud_weights_
+
+    return loud_weights_(PaliGemma.random(config(), seed=seed, std=0.08), seed, norm_std=0.5, post_norm_shift=4.0)
 
 
 @pytest.fixture(scope="module")
