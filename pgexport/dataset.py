@@ -51,7 +51,7 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 NUMBERS = ("zero", "one", "two", "three")
 CELL_NAMES = (("top left", "top", "top right"), ("left", "center", "right"),
               ("bottom left", "bottom", "bottom right"))
-SIDE = (0.50, 0.85)  # a shape's side as a fraction of its grid cell's
+SIDE = (0.70, 0.95)  # a shape's side as a fraction of its grid cell's
 TASKS = ("caption", "color", "count", "position", "detect")
 SPLITS = ("train", "val", "test")
 
@@ -96,7 +96,7 @@ def random_scene(rng: np.random.Generator, size: int = IMAGE_SIZE) -> Scene:
     shapes = []
     for c in cells:
         row, col = divmod(c, GRID)
-        side = int(rng.integers(int(cell_px * SIDE[0]), int(cell_px * SIDE[1]) + 1))  # 37..63 px at 224
+        side = int(rng.integers(int(cell_px * SIDE[0]), int(cell_px * SIDE[1]) + 1))  # 52..70 px at 224
         margin = 3
         lo_x, lo_y = int(col * cell_px) + margin, int(row * cell_px) + margin
         hi_x, hi_y = int((col + 1) * cell_px) - margin - side, int((row + 1) * cell_px) - margin - side
@@ -127,6 +127,33 @@ def render(scene: Scene) -> Image.Image:
     return image
 
 
+def cell_pooling(patches_per_side: int) -> np.ndarray:
+    """`[GRID * GRID, patches_per_side ** 2]` float32: row c averages the patches whose centre
+    lies in grid cell c (reading order), so `pool @ tokens` gives one feature per cell."""
+    pool = np.zeros((GRID * GRID, patches_per_side ** 2), np.float32)
+    for r in range(patches_per_side):
+        for c in range(patches_per_side):
+            cell = int((r + 0.5) / patches_per_side * GRID) * GRID + int((c + 0.5) / patches_per_side * GRID)
+            pool[cell, r * patches_per_side + c] = 1
+    return pool / pool.sum(1, keepdims=True)
+
+
+def cell_labels(scenes: list[Scene]) -> dict[str, np.ndarray]:
+    """What each grid cell of each scene holds: "shape" and "colour" `[N, GRID * GRID]` int64
+    (0 = empty, else 1 + the index in SHAPES / COLOURS) and "box" `[N, GRID * GRID, 4]` float32
+    (x0, y0, x1, y1 as fractions of the image; zeros where empty). Targets for vision probes."""
+    shape = np.zeros((len(scenes), GRID * GRID), np.int64)
+    colour = np.zeros_like(shape)
+    box = np.zeros((len(scenes), GRID * GRID, 4), np.float32)
+    for i, scene in enumerate(scenes):
+        for s in scene.shapes:
+            cell = s.cell[0] * GRID + s.cell[1]
+            shape[i, cell] = 1 + SHAPES.index(s.shape)
+            colour[i, cell] = 1 + list(COLOURS).index(s.colour)
+            box[i, cell] = np.asarray(s.box, np.float32) / scene.size
+    return {"shape": shape, "colour": colour, "box": box}
+
+
 # ---------------------------------------------------------------------------- tasks
 def _plural(shape: str) -> str:
     return shape + "s"
@@ -154,8 +181,8 @@ def scene_tasks(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, 
     # count: all shapes, or one kind (which may be absent: "zero")
     if rng.random() < 0.5:
         out.append(("count", "answer en how many shapes are there?", NUMBERS[len(shapes)]))
-    else:
-        kind = SHAPES[int(rng.integers(len(SHAPES)))]
+    else:  # a kind that is present half the time, so "zero" is not a shortcut answer
+        kind = shapes[int(rng.integers(len(shapes)))].shape if rng.random() < 0.5 else SHAPES[int(rng.integers(len(SHAPES)))]
         out.append(("count", f"answer en how many {_plural(kind)} are there?", NUMBERS[sum(s.shape == kind for s in shapes)]))
     # position: of a (colour, shape) that occurs once
     unique = [s for s in shapes if sum((t.colour, t.shape) == (s.colour, s.shape) for t in shapes) == 1]

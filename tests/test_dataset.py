@@ -83,6 +83,32 @@ def test_tasks_are_consistent_with_the_scene():
     assert seen == set(TASKS)
 
 
+def test_count_questions_are_not_mostly_zero():
+    """"how many <kind>s?" asks about a present kind half the time, so answering "zero" is no
+    shortcut (uniform kinds would make it the answer 58% of the time)."""
+    answers = [suffix for _, tasks in make_examples(seed=3, num_images=2000) for task, prefix, suffix in tasks
+               if task == "count" and "shapes" not in prefix]
+    assert len(answers) > 800
+    assert 0.2 < answers.count("zero") / len(answers) < 0.4
+
+
+def test_cell_pooling_and_labels():
+    from pgexport.dataset import GRID, SHAPES, cell_labels, cell_pooling
+
+    pool = cell_pooling(8)  # the demo's 8 x 8 patches
+    assert pool.shape == (GRID * GRID, 64) and np.allclose(pool.sum(1), 1)
+    assert ((pool > 0).sum(0) == 1).all()  # every patch in exactly one cell
+    assert (pool[0].reshape(8, 8)[:3, :3] > 0).all() and pool[0].reshape(8, 8)[3:].sum() == 0  # top-left cell
+    scenes = [scene for scene, _ in make_examples(seed=5, num_images=20)]
+    labels = cell_labels(scenes)
+    for i, scene in enumerate(scenes):
+        assert (labels["shape"][i] > 0).sum() == len(scene.shapes)
+        for s in scene.shapes:
+            cell = s.cell[0] * GRID + s.cell[1]
+            assert SHAPES[labels["shape"][i, cell] - 1] == s.shape
+            assert np.allclose(labels["box"][i, cell] * scene.size, s.box)
+
+
 def test_render_draws_each_shape_in_its_box():
     for scene, _ in make_examples(seed=5, num_images=20):
         pixels = np.asarray(render(scene)).astype(int)
