@@ -87,8 +87,12 @@ class PaliGemma(nn.Module):
         attention_mask=None,  # [B, S] 1 = real token, 0 = padding
         token_type_ids=None,  # [B, S] 0 = prefix (bidirectional), 1 = suffix (causal)
         image_features=None,  # [B, N, D] instead of pixel_values, if already encoded
+        logits_at=None,  # [B, S] bool: compute the logits only there, returned as [n, vocab]
     ) -> torch.Tensor:
         """Logits `[B, S, vocab]` for every position (training and scoring).
+
+        `logits_at` selects positions (e.g. the suffix, for the training loss): the tied head is
+        the widest matmul of the model (257216 columns at 3B), and the prefix's logits are unused.
 
         Without `token_type_ids` every real token is prefix, as at inference: the image and
         the whole prompt see each other. Accepts numpy arrays as the processor returns them.
@@ -102,7 +106,9 @@ class PaliGemma(nn.Module):
         x = self.embed(input_ids, image_features)
         slots = torch.arange(S, device=self.device)
         masks = self.masks(slots, attention_mask.bool(), is_prefix, is_prefix)
-        hidden = self.language_model(x, positions_from_mask(attention_mask), masks)
+        hidden = self.language_model(x, positions_from_mask(attention_mask), masks)  # [B, S, D]
+        if logits_at is not None:
+            hidden = hidden[_tensor(logits_at, torch.bool, self.device)]  # [n, D]
         return self.language_model.logits(hidden)
 
     @classmethod

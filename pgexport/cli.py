@@ -405,6 +405,8 @@ def dataset(out, seed, n_train, n_val, n_test, size):
 @click.option("--grad-clip", default=1.0, show_default=True, type=click.FloatRange(min=0), help="Max gradient norm (0 = off).")
 @click.option("--freeze-vision", is_flag=True, help="Keep the SigLIP tower fixed (the projector still trains).")
 @click.option("--freeze-embeddings", is_flag=True, help="Keep the tied token embedding / LM head fixed.")
+@click.option("--vision-lr-scale", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="The SigLIP tower's learning rate relative to --lr (e.g. 0.1: a pretrained tower adapts slowly).")
 @click.option("--eval-every", default=None, type=click.IntRange(min=1), help="Validate (and checkpoint) every N steps.")
 @click.option("--eval-examples", default=200, show_default=True, type=click.IntRange(min=1))
 @click.option("--save-every", default=None, type=click.IntRange(min=1), help="Checkpoint every N steps (default: --eval-every).")
@@ -415,7 +417,7 @@ def dataset(out, seed, n_train, n_val, n_test, size):
 @click.option("--bf16/--no-bf16", default=None,
               help="bf16 autocast (fp32 master weights) [default: on CUDA and on CPUs with native bf16].")
 def finetune(model_spec, data, val_data, out, epochs, max_steps, lr, batch_size, warmup_steps, weight_decay, grad_clip,
-             freeze_vision, freeze_embeddings, eval_every, eval_examples, save_every, seed, group_by_image, resume, device,
+             freeze_vision, freeze_embeddings, vision_lr_scale, eval_every, eval_examples, save_every, seed, group_by_image, resume, device,
              bf16):
     """Fine-tune a model on JSONL data; the loss covers the suffix only (prefix-LM).
 
@@ -437,7 +439,7 @@ def finetune(model_spec, data, val_data, out, epochs, max_steps, lr, batch_size,
         val_data = str(Path(data).parent / "val.jsonl")
     config = TrainConfig(epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, warmup_steps=warmup_steps,
                          weight_decay=weight_decay, grad_clip=grad_clip, freeze_vision=freeze_vision,
-                         freeze_embeddings=freeze_embeddings, eval_every=eval_every, eval_examples=eval_examples,
+                         freeze_embeddings=freeze_embeddings, vision_lr_scale=vision_lr_scale, eval_every=eval_every, eval_examples=eval_examples,
                          save_every=save_every, seed=seed, group_by_image=group_by_image, device=device,
                          bf16=bf16)
     run_finetune(model_spec or default_model(), data, out, val_data=val_data, config=config, resume=resume,

@@ -62,6 +62,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     freeze_vision: bool = False  # keep the SigLIP tower fixed (the projector still trains)
+    vision_lr_scale: float = 1.0  # the SigLIP tower's lr = lr * this (< 1: a pretrained tower adapts without being wiped)
     freeze_embeddings: bool = False  # keep the (tied) token embedding / LM head fixed
     seed: int = 0  # data order
     group_by_image: bool = False  # batches hold all examples of a few images; each image is encoded once
@@ -124,9 +125,12 @@ def set_trainable(model, freeze_vision: bool = False, freeze_embeddings: bool = 
 
 
 def make_optimizer(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
-    decay = [p for _, p in named if p.ndim >= 2]
-    no_decay = [p for _, p in named if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = []
+    for vision in (False, True):
+        part = [(n, p) for n, p in named if n.startswith("vision_tower.") == vision]
+        scale = cfg.vision_lr_scale if vision else 1.0
+        groups += [{"params": [p for _, p in part if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr_scale": scale},
+                   {"params": [p for _, p in part if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale}]
     # foreach=False: the same per-parameter arithmetic whatever the device, so resumed runs are exact.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=False)
 
@@ -186,9 +190,13 @@ def training_loss(model, batch: dict[str, torch.Tensor], autocast: bool) -> torc
         features = model.encode_image(batch["pixel_values"].to(model.dtype))
         if "image_index" in batch:
             features = features[batch["image_index"]]
+        # Only the positions that predict a suffix token need logits (position t predicts t + 1).
+        labels = batch["labels"]
+        scored = torch.zeros_like(labels, dtype=torch.bool)
+        scored[:, :-1] = labels[:, 1:] != -100  # [B, S]
         logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                       token_type_ids=batch["token_type_ids"], image_features=features)
-    return suffix_loss(logits, batch["labels"])
+                       token_type_ids=batch["token_type_ids"], image_features=features, logits_at=scored)  # [n, V]
+    return F.cross_entropy(logits.float(), labels[:, 1:][scored[:, :-1]])
 
 
 class _nullcontext:
@@ -348,8 +356,8 @@ def finetune(model, data: str | Path | list[Example], out: str | Path, val_data=
                 epoch_batches = (epoch, batch_order(train, cfg.batch_size, cfg.seed, epoch, cfg.group_by_image))
             batch = collate(processor, [train[i] for i in epoch_batches[1][index]], device)
             lr = lr_at(step, total, cfg.lr, warmup, cfg.min_lr_ratio)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            for g in optimizer.param_groups:  # lr_scale: see TrainConfig.vision_lr_scale
+                g["lr"] = lr * g.get("lr_scale", 1.0)
             loss = training_loss(model, batch, autocast)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
