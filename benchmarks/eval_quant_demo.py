@@ -15,21 +15,23 @@ block sizes, symmetry, accuracy level, 8-bit head) on the shapes test set drawn 
   KL(fp32 || quantized) and cosine, over all answer positions;
 * the export's own validation report (`export_report.json` quality on the bundled sample), bytes.
 
-Writes a JSON summary (default benchmarks/results/quant_demo.json) and prints a table.
+Writes benchmarks/results/quant_demo.json and .md (or --out) and prints a line per variant.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-RESULTS = Path(__file__).parent / "results" / "quant_demo.json"
+from pgexport.measure import write_results
+
+RESULTS = Path(__file__).parent / "results" / "quant_demo"  # .json and .md
 TEST_SEED = 1234
 
 
@@ -112,6 +114,7 @@ def main(argv=None) -> int:
                 got_l += gl
                 act += ra
             quality = logit_quality(ref_l, got_l, act)
+            quality["disagreements"] = disagreements(ref_l, got_l, act, processor)
             task = task_accuracy(rt, records)
             rt.close()
             entry = {"bytes": folder_model_bytes(folder), "size_ratio": round(folder_model_bytes(folder) / fp32_bytes, 4),
@@ -126,10 +129,46 @@ def main(argv=None) -> int:
                   f"top1 {report['quality']['top1_agreement']:.3f} KL {report['quality']['mean_kl']:.2e}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    paths = write_results(args.out, summary, markdown(summary))
+    print("wrote " + ", ".join(map(str, paths)))
     return 0
+
+
+def disagreements(reference, got, active, processor) -> dict:
+    """Where fp32 and the variant pick different top-1 tokens: how many, how many of them are two
+    `<locNNNN>` tokens (the same box edge, moved), and the median and largest bin distance of
+    those (one bin = 1/1024 of the image side)."""
+    first_loc = processor.tokenizer.token_to_id("<loc0000>")
+    total, distances = 0, []
+    for r, g, rows in zip(reference, got, active):  # [B, V] logits per teacher-forced step, active rows
+        for a, b in zip(r[rows].argmax(-1).tolist(), g[rows].argmax(-1).tolist()):
+            if a != b:
+                total += 1
+                if first_loc <= min(a, b) and max(a, b) < first_loc + 1024:
+                    distances.append(abs(a - b))
+    return {"count": total, "loc_tokens": len(distances),
+            "loc_bins_median": float(np.median(distances)) if distances else None,
+            "loc_bins_max": max(distances) if distances else None}
+
+
+def markdown(summary: dict) -> str:
+    """The Markdown table of `summary`: one row per variant, losses against eager fp32 in points."""
+    eager = summary["eager_fp32"]["task"]
+    lines = [f"Demo-model quantization accuracy: {summary['model']}, test seed {summary['test_seed']}, "
+             f"{summary['images']} images / {summary.get('examples', '?')} examples. Eager fp32: exact match "
+             f"{eager['exact_match']:.4f}, detection IoU {eager['detect_iou']:.4f}.", "",
+             "| variant | size vs fp32 export | exact match | loss (points) | detection IoU | loss (points) "
+             "| TF top-1 | top-1 misses (of which <loc>: median / max bins apart) | mean KL | cosine |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, v in summary["variants"].items():
+        t, q = v["task"], v["teacher_forced"]
+        d = q["disagreements"]
+        lines.append(f"| {name} | {v['size_ratio']:.3f} | {t['exact_match']:.4f} | "
+                     f"{100 * (eager['exact_match'] - t['exact_match']):+.1f} | {t['detect_iou']:.4f} | "
+                     f"{100 * (eager['detect_iou'] - t['detect_iou']):+.1f} | {q['top1_agreement']:.4f} | "
+                     f"{d['count']} ({d['loc_tokens']}: {d['loc_bins_median']} / {d['loc_bins_max']}) | "
+                     f"{q['mean_kl']:.2e} | {q['mean_cosine']:.5f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """The built-in demo model: a small PaliGemma trained from scratch on the synthetic shapes data.
 
-Same architecture as PaliGemma 1 (SigLIP tower, linear projector, Gemma decoder with
-multi-query attention, prefix-LM), only narrower and shallower, at 112 px (an 8 x 8 grid of
-14-px patches = 64 image tokens; at 84 px, 36 tokens, shapes and boxes were learned far more
-slowly), with the 512-token stand-in tokenizer (`build_paligemma_tokenizer(512)`). It is trained by
+Same architecture as PaliGemma 1 (SigLIP tower, linear projector, Gemma decoder, prefix-LM),
+only narrower and shallower, with four KV heads rather than multi-query attention (which learned
+slower at this width), at 112 px (an 8 x 8 grid of 14-px patches = 64 image tokens; at 84 px,
+36 tokens, shapes and boxes were learned far more slowly), with the 512-token stand-in tokenizer (`build_paligemma_tokenizer(512)`). It is trained by
 `examples/train_demo.py` and shipped in `pgexport/assets/demo/`; `pgexport generate` and the
 other commands use it when no `--model` is given.
 

@@ -492,13 +492,7 @@ def demo(tmp_path_factory):
     return DEMO_DIR, model, processor, records, eager
 
 
-@pytest.mark.parametrize("quant", [
-    # Measured on the shipped, partly trained demo model (issue 3 open): int8 (DynamicQuantizeMatMul)
-    # loses 1.0 point of exact match and agrees 98.2% teacher-forced; weight-only int8 (MatMulNBits)
-    # 0.5 points and 98.9%. README "Quantization" states it; the gate stays the issue's.
-    pytest.param("int8", marks=pytest.mark.xfail(strict=True, reason="issue 5 open: int8 misses its gate on the "
-                                                                     "partly trained demo model")),
-    "int4"])
+@pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_demo_model_accuracy_gates(demo, quant, tmp_path, record_diff):
     from pgexport.exporters.quant_eval import task_accuracy, teacher_forced_agreement
 
