@@ -240,6 +240,17 @@ def test_cli_finetune(tiny_folder, shapes, tmp_path):
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(main, ["finetune", "--model", str(tiny_folder), "--data", str(tmp_path / "nope.jsonl"), "--out", str(out)])
     assert r.exit_code in (1, 2) and "nope.jsonl" in r.output
+    r = CliRunner().invoke(main, ["finetune", "--model", str(tiny_folder), "--data", str(shapes / "train.jsonl"),
+                                  "--out", str(tmp_path / "neg"), "--vision-lr-scale", "-1"])
+    assert r.exit_code == 2 and "--vision-lr-scale" in r.output and "Traceback" not in r.output
+    # the option reaches the optimizer: at scale 0 the tower does not move
+    r = CliRunner().invoke(main, ["finetune", "--model", str(tiny_folder), "--data", str(shapes / "train.jsonl"),
+                                  "--out", str(tmp_path / "zero"), "--max-steps", "1", "--batch-size", "4",
+                                  "--vision-lr-scale", "0", "--eval-examples", "2"])
+    assert r.exit_code == 0, r.output
+    before, after = load_checkpoint(tiny_folder), load_checkpoint(tmp_path / "zero")
+    name = "vision_tower.encoder.layers.0.mlp.fc1.weight"
+    assert torch.equal(dict(before.named_parameters())[name], dict(after.named_parameters())[name])
 
 
 # ----------------------------------------------------------------------------- the demo model
