@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     ap.add_argument("--frozen-steps", type=int, default=2500,
                     help="stage 1 steps with the pretrained tower fixed (the decoder learns to read it)")
     ap.add_argument("--stage2-lr", type=float, default=1e-3, help="peak lr of stage 2 (everything trains)")
-    ap.add_argument("--vision-lr-scale", type=float, default=0.3, help="the tower's lr in stage 1, relative to --lr")
+    ap.add_argument("--vision-lr-scale", type=float, default=0.3, help="the tower's lr in stage 2, relative to --stage2-lr")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()

@@ -81,12 +81,20 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------- pieces
+def scored_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions whose logits the loss scores and their targets: labels `[B, S]` have -100 on
+    the prefix and padding, and position t's logits predict the token at t + 1. Returns
+    (mask `[B, S]` bool, targets `[n]`), targets in the mask's row-major order."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask, labels[:, 1:][mask[:, :-1]]
+
+
 def suffix_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the suffix: logits `[B, S, V]`, labels `[B, S]` with
-    -100 on the prefix and padding. Position t's logits predict the token at t + 1."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:].to(logits.device)
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100)
+    -100 on the prefix and padding (see `scored_positions`)."""
+    mask, targets = scored_positions(labels.to(logits.device))
+    return F.cross_entropy(logits[mask].float(), targets)
 
 
 def lr_at(step: int, total_steps: int, peak: float, warmup: int, min_ratio: float) -> float:
@@ -190,13 +198,11 @@ def training_loss(model, batch: dict[str, torch.Tensor], autocast: bool) -> torc
         features = model.encode_image(batch["pixel_values"].to(model.dtype))
         if "image_index" in batch:
             features = features[batch["image_index"]]
-        # Only the positions that predict a suffix token need logits (position t predicts t + 1).
-        labels = batch["labels"]
-        scored = torch.zeros_like(labels, dtype=torch.bool)
-        scored[:, :-1] = labels[:, 1:] != -100  # [B, S]
+        # Only the positions that predict a suffix token need logits (the head is the widest matmul).
+        scored, targets = scored_positions(batch["labels"])
         logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
                        token_type_ids=batch["token_type_ids"], image_features=features, logits_at=scored)  # [n, V]
-    return F.cross_entropy(logits.float(), labels[:, 1:][scored[:, :-1]])
+    return F.cross_entropy(logits.float(), targets)
 
 
 class _nullcontext:
