@@ -235,6 +235,39 @@ def test_prefix_lm_mask_prefill_layout():
     assert w[2] == [0, 0, 1, 1, 1, 0, 0]  # the bidirectional prefix ignores the window
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("masked", [True, False])
+def test_cpu_training_attention_matches_sdpa(kv_heads, masked, record_diff):
+    """With gradients on the CPU, attention() takes its explicit path (PyTorch's CPU flash
+    backward is slow); outputs and gradients are SDPA's, grouped KV heads and masks included."""
+    from pgexport.models.attention import attention
+
+    g = torch.Generator().manual_seed(kv_heads + 10 * masked)
+    B, H, S, Dh = 3, 4, 9, 16
+    q = torch.randn(B, H, S, Dh, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, kv_heads, S, Dh, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = None
+    if masked:
+        valid = torch.ones(B, S, dtype=torch.bool)
+        valid[0, :3] = False  # a left-padded row
+        prefix = torch.zeros(B, S, dtype=torch.bool)
+        prefix[:, 3:6] = True
+        mask = prefix_lm_mask(torch.arange(S), valid, prefix, prefix)
+    out_grad = torch.randn(B, H, S, Dh, generator=g, dtype=torch.float64)
+
+    mine = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = attention(*mine, mask, None)  # requires_grad on the CPU: the explicit path
+    (got * out_grad).sum().backward()
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    kr, vr = (t.repeat_interleave(H // kv_heads, dim=1) for t in ref[1:])  # query head h reads KV head h // groups
+    want = torch.nn.functional.scaled_dot_product_attention(ref[0], kr, vr, attn_mask=mask)
+    (want * out_grad).sum().backward()
+    record_diff("cpu training attention vs SDPA (fp64)", (got - want).abs().max().item())
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for a, b in zip(mine, ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10)
+
+
 # ----------------------------------------------------------------------------- vision tower
 @pytest.mark.parametrize("variant", ["pg1", "pg1-img84", "pg2-img112"])
 def test_image_features_match_transformers(hf_model_pair, record_diff, variant):
