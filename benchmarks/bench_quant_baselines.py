@@ -39,7 +39,9 @@ Random weights (`pgexport init`'s checkpoint, or `--checkpoint DIR`), batch 1, C
 Writes `--out`.json and `--out`.md (default benchmarks/results/quant_baselines). Everything that is
 prepared goes to `--work` and is reused by the next run where reuse does not hide a measurement:
 the checkpoint, the fp32 exports, the reduced checkpoint and the GemmaForCausalLM folder are
-reused; the quantization jobs run again (they are measured) unless `--reuse-variants`.
+reused; the quantization jobs run again (they are measured) unless `--reuse-variants`. Our int4
+uses the exporter's defaults (block 128) unless `--int4-block-size N` (its folders are named
+`onnx-int4-bN`, so another block size is never reused by mistake).
 """
 
 from __future__ import annotations
@@ -77,6 +79,10 @@ from pgexport.measure import (  # noqa: E402
     write_results,
 )
 from pgexport.staging import move_into_place, staging_folder  # noqa: E402
+
+from pgexport.exporters.quantize import DEFAULT_BLOCK_SIZE  # noqa: E402
+
+DEFAULT_INT4_BLOCK = DEFAULT_BLOCK_SIZE[4]
 
 PARTS = ("transformers", "torch", "onnx-fp32", "onnx-int8", "onnx-int4", "torch-int8", "torch-int4",
          "baseline-a", "baseline-b")
@@ -191,7 +197,7 @@ def job_export(spec: dict) -> dict:
     phases = _Phases({"quantizing ": "quantize", "writing the tokenizer": "finish"}, "export")
     t = time.perf_counter()
     res = export_folder(spec["src"], spec["out"], quant=spec["quant"], validate=spec.get("validate", False),
-                        overwrite=True, progress=phases)
+                        overwrite=True, progress=phases, quant_options=spec.get("quant_options"))
     seconds = time.perf_counter() - t
     q = res.get("quantization") or {}
     return {"seconds": seconds, **phases.result(), "total_bytes": res["total_bytes"],
@@ -695,6 +701,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=16, help="tokens per pass: the first from prefill, the others decoded")
     ap.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="transformers' attention implementation")
     ap.add_argument("--skip", default="", help="comma-separated parts to leave out: " + ", ".join(PARTS))
+    ap.add_argument("--int4-block-size", type=int, default=None,
+                    help="block size of our int4 exports (default: the exporter's, %d; WORK/onnx-int4-bN[-LK] per size)" % DEFAULT_INT4_BLOCK)
     ap.add_argument("--reuse-variants", action="store_true", help="reuse quantized folders already in WORK (their quantization is then not re-timed)")
     ap.add_argument("--validate", action="store_true", help="validate our exports against eager PyTorch (adds to the quantization jobs' time and memory)")
     ap.add_argument("--keep-genai-source", action="store_true", help="keep the GemmaForCausalLM folder after the build (default: removed, it is as large as the decoder)")
@@ -799,7 +807,8 @@ def run(args, want: list[str]) -> int:
         if src is None:
             folders[key] = None
             return None
-        name = f"onnx-{quant}" + ("" if depth == L else f"-L{depth}")
+        block = f"-b{args.int4_block_size or DEFAULT_INT4_BLOCK}" if quant == "int4" else ""  # never reuse another block size
+        name = f"onnx-{quant}{block}" + ("" if depth == L else f"-L{depth}")
         out = work / name
         given = args.fp32_export if depth == L else args.baseline_fp32_export if depth == N else None
         if quant == "fp32" and given:
@@ -816,10 +825,11 @@ def run(args, want: list[str]) -> int:
             R.reused(name, f"ORT {quant} export of the {depth}-layer checkpoint", out)
             folders[key] = out
             return out
-        what = (f"export_folder({src.name}, quant={quant}): fp32 trace + " + ("int8 DynamicQuantizeMatMul" if quant == "int8" else "int4 MatMulNBits")
-                if quant != "fp32" else f"export_folder({src.name}, quant=fp32)")
-        e = R.job(name, "export", {"src": str(src), "out": str(out), "quant": quant, "validate": args.validate}, what,
-                  input_bytes=_safetensors_bytes(src))
+        what = (f"export_folder({src.name}, quant={quant}): fp32 trace + " + ("int8 DynamicQuantizeMatMul" if quant == "int8" else
+                f"int4 MatMulNBits (block {args.int4_block_size or DEFAULT_INT4_BLOCK})") if quant != "fp32" else f"export_folder({src.name}, quant=fp32)")
+        options = {"block_size": args.int4_block_size} if quant == "int4" and args.int4_block_size else None
+        e = R.job(name, "export", {"src": str(src), "out": str(out), "quant": quant, "validate": args.validate,
+                                   "quant_options": options}, what, input_bytes=_safetensors_bytes(src))
         folders[key] = None if "error" in e else out
         return folders[key]
 
@@ -1009,18 +1019,7 @@ def run(args, want: list[str]) -> int:
         compare("int4 prefill / int8 prefill (ours, full depth)", "onnx-int4", "onnx-int8", "prefill_s", TARGET_INT4_PREFILL, L)
         compare("int4 decode / int8 decode (ours, full depth)", "onnx-int4", "onnx-int8", "decode_s", None, L)
 
-    quant_targets = []
-    for name in ("onnx-int8", "onnx-int4", "torch-int8", "torch-int4"):
-        j = J.get(name)
-        if j is None or j.get("kind") == "reused":
-            continue
-        if "error" in j:
-            quant_targets.append({"job": name, "error": j["error"], "met": False})
-            continue
-        r = j["peak_rss"] / fp32_bytes
-        quant_targets.append({"job": name, "peak_rss": j["peak_rss"], "fp32_bytes": fp32_bytes, "ratio": r,
-                              "peak_rss_anon_sampled": j.get("peak_rss_anon_sampled"),
-                              "fits_memory": j["peak_rss"] <= mem_total, "met": r <= TARGET_QUANT_PEAK and j["peak_rss"] <= mem_total})
+    quant_targets = quantization_targets(J, fp32_bytes, mem_total, f"onnx-int4-b{args.int4_block_size or DEFAULT_INT4_BLOCK}")
 
     ref = PaliGemmaConfig.from_preset("paligemma-3b-pt-224")
     is_3b = (cfg.text.hidden_size, cfg.text.intermediate_size, L, cfg.text.vocab_size, cfg.vision.num_hidden_layers,
@@ -1038,6 +1037,7 @@ def run(args, want: list[str]) -> int:
         "new_tokens": args.new_tokens, "batch": 1, "provider": "cpu", "validate_exports": args.validate,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (unset)"), "hf_attn": args.hf_attn,
         "baseline_a": a_state, "baseline_b": b_state, "mem_total_bytes": mem_total, "geometry_is_3b": is_3b,
+        "int4_block_size": args.int4_block_size or DEFAULT_INT4_BLOCK,
     }
     results = {"benchmark": "quant_baselines", "command": "python benchmarks/bench_quant_baselines.py " + " ".join(sys.argv[1:]),
                "machine": info, "setup": setup, "jobs": J, "backends": B, "comparisons": comparisons,
@@ -1047,6 +1047,23 @@ def run(args, want: list[str]) -> int:
     progress(f"wrote {jpath} and {mpath}")
     print(md)
     return 0
+
+
+def quantization_targets(J: dict, fp32_bytes: int, mem_total: int, int4_job: str) -> list[dict]:
+    """The peak-memory target of each full-depth quantization job that ran (not reused)."""
+    out = []
+    for name in ("onnx-int8", int4_job, "torch-int8", "torch-int4"):
+        j = J.get(name)
+        if j is None or j.get("kind") == "reused":
+            continue
+        if "error" in j:
+            out.append({"job": name, "error": j["error"], "met": False})
+            continue
+        r = j["peak_rss"] / fp32_bytes
+        out.append({"job": name, "peak_rss": j["peak_rss"], "fp32_bytes": fp32_bytes, "ratio": r,
+                    "peak_rss_anon_sampled": j.get("peak_rss_anon_sampled"),
+                    "fits_memory": j["peak_rss"] <= mem_total, "met": r <= TARGET_QUANT_PEAK and j["peak_rss"] <= mem_total})
+    return out
 
 
 # =========================================================================== report
@@ -1074,6 +1091,8 @@ def render_markdown(res: dict) -> str:
         f"- input: batch 1, one synthetic scene at {s['image_size']} px + \"{s['prompt']}\" = {s['prompt_tokens']} tokens "
         f"({s['image_tokens']} image tokens); {s['new_tokens']} tokens per pass (1 from prefill, {s['new_tokens'] - 1} decode "
         f"steps, greedy), {s['repeats']} timed passes after one warm-up; {s['threads']} threads; CPU",
+        f"- our int4: MatMulNBits, block size {s.get('int4_block_size', DEFAULT_INT4_BLOCK)} (asymmetric, accuracy level 4); "
+        "our int8: DynamicQuantizeMatMul (the CPU defaults)",
         "- each backend and each job ran in a fresh process, one after the other (`pgexport.bench_worker` protocol); "
         "medians (p10-p90) in ms. prefill = time to the first token's logits, vision encoder included (except baseline "
         "(b), a text-only decoder); decode = per token",

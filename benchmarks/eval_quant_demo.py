@@ -45,7 +45,7 @@ def variants():
         "int4-acc0": QuantOptions.create("int4", accuracy_level=0),
         "int4-sym": QuantOptions.create("int4", symmetric=True),
         "int4-b64": QuantOptions.create("int4", block_size=64),
-        "int4-b128": QuantOptions.create("int4", block_size=128),
+        "int4-b32": QuantOptions.create("int4", block_size=32),
         "int4-head8": QuantOptions.create("int4", head_bits=8),
     }
 

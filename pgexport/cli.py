@@ -205,7 +205,7 @@ def _progress(message: str) -> None:
               help="fp32; fp16 (half the size; Gemma 2 may lose accuracy); int8 / int4: float32 graphs with "
                    "block-quantized weights (linear layers, embedding and tied head).")
 @click.option("--block-size", type=int, default=None, callback=_block_size,
-              help="int8/int4: weights per quantization block, a power of two >= 16 (default: 32 for int4, 128 for int8).")
+              help="int8/int4: weights per quantization block, a power of two >= 16 (default 128; 32 is a little more accurate for int4, and slower).")
 @click.option("--symmetric/--asymmetric", default=None,
               help="int8/int4: symmetric blocks (no zero points) or a zero point per block (default: int8 symmetric, "
                    "int4 asymmetric).")

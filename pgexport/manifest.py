@@ -94,7 +94,7 @@ class Manifest:
 
 
 def describe_quantization(quantization: Any) -> str:
-    """A short description of a manifest's `quantization` entry, e.g. "int4 (block 32, asymmetric,
+    """A short description of a manifest's `quantization` entry, e.g. "int4 (block 128, asymmetric,
     accuracy_level 4)"."""
     if not isinstance(quantization, dict):
         return str(quantization)
