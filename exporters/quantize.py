@@ -97,6 +97,16 @@ def check_block_size(block_size: int) -> int:
     return block_size
 
 
+def linear_block_size(block_size: int, k: int) -> int:
+    """The block of a linear layer with `k` inputs: the export's, but never more than the next power
+    of two >= k (>= 16), so a narrow matrix gets one block per row rather than zero padding (at
+    block 128, a 64-wide layer would otherwise store twice its weights)."""
+    fit = 16
+    while fit < k:
+        fit *= 2
+    return min(block_size, fit)
+
+
 @dataclass(frozen=True)
 class QuantOptions:
     """How to quantize; `create` fills the defaults and checks the values."""
@@ -529,7 +539,11 @@ class _GraphQuantizer:
             self._count("DynamicQuantizeMatMul")
             return helper.make_node("DynamicQuantizeMatMul", inputs, list(node.output), name=f"{node.name}_int8",
                                     domain=MS_DOMAIN)
-        w = self._nbits(tensor, o.bits, o.block_size, transpose=True)
+        block = linear_block_size(o.block_size, k)
+        if block != o.block_size:
+            self._note(f"matrices with fewer than {o.block_size} inputs use one block per row (the next power of two "
+                       f">= their K, e.g. {block} for K {k}) instead of padding each row with zeros")
+        w = self._nbits(tensor, o.bits, block, transpose=True)
         self._count(f"MatMulNBits{o.bits}")
         return self._nbits_node(node.input[0], node.output, node.name, tensor.name, w, add, k, n)
 
@@ -765,5 +779,5 @@ def simulate(state: dict[str, np.ndarray], options: QuantOptions, table: str = "
             out[name] = np.ascontiguousarray(deq.T)
         else:
             out[name] = NBitsWeight.quantize(lambda a, b: w[a:b], w.shape[0], w.shape[1], options.bits,
-                                             options.block_size, options.symmetric).dequantize()
+                                             linear_block_size(options.block_size, w.shape[1]), options.symmetric).dequantize()
     return out

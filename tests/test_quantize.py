@@ -345,6 +345,10 @@ def test_quantized_graph_structure(quant_export):
         head = [n for n in proto.graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith(table)]
         linear = [n for n in proto.graph.node if n.op_type == linear_op and not n.input[1].startswith(table)]
         assert len(linear) == expected_linear[graph], (graph, len(linear))
+        for n in linear if bits == 4 else []:  # block 128, or one block per row where K is narrower
+            attrs = {a.name: a.i for a in n.attribute}
+            assert attrs["block_size"] == min(128, max(16, 1 << (attrs["K"] - 1).bit_length())), (n.name, attrs)
+            assert inits[n.input[1]].dims[1] == -(-attrs["K"] // attrs["block_size"])  # no all-padding blocks
         assert not [n for n in proto.graph.node if n.op_type in ("Gemm", "Gather") and table in n.input]
         for t in inits.values():  # no float copy of the table or of a linear weight is left
             assert not (t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and not t.name.endswith(".scales")
