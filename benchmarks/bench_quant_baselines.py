@@ -80,7 +80,7 @@ from pgexport.measure import (  # noqa: E402
 )
 from pgexport.staging import move_into_place, staging_folder  # noqa: E402
 
-from pgexport.exporters.quantize import DEFAULT_BLOCK_SIZE  # noqa: E402
+from pgexport.exporters.quantize import DEFAULT_BLOCK_SIZE, check_block_size  # noqa: E402
 
 DEFAULT_INT4_BLOCK = DEFAULT_BLOCK_SIZE[4]
 
@@ -679,6 +679,13 @@ def _ok(b: dict | None) -> bool:
     return bool(b) and "error" not in b
 
 
+def _block_size(text: str) -> int:
+    try:
+        return check_block_size(int(text))
+    except Exception as e:  # ValueError from int(), PgExportError from the check
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Parts (for --skip): " + ", ".join(PARTS))
@@ -701,7 +708,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=16, help="tokens per pass: the first from prefill, the others decoded")
     ap.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="transformers' attention implementation")
     ap.add_argument("--skip", default="", help="comma-separated parts to leave out: " + ", ".join(PARTS))
-    ap.add_argument("--int4-block-size", type=int, default=None,
+    ap.add_argument("--int4-block-size", type=_block_size, default=None,
                     help="block size of our int4 exports (default: the exporter's, %d; WORK/onnx-int4-bN[-LK] per size)" % DEFAULT_INT4_BLOCK)
     ap.add_argument("--reuse-variants", action="store_true", help="reuse quantized folders already in WORK (their quantization is then not re-timed)")
     ap.add_argument("--validate", action="store_true", help="validate our exports against eager PyTorch (adds to the quantization jobs' time and memory)")
@@ -783,6 +790,8 @@ def run(args, want: list[str]) -> int:
 
     # ------------------------------------------------------------------ preparation (one process per job)
     folders: dict[tuple, Path | None] = {}
+    int4_block = args.int4_block_size or DEFAULT_INT4_BLOCK
+    int4_name = f"onnx-int4-b{int4_block}"  # per block size: another block size's folder is never reused
 
     def ckpt_at(depth: int) -> Path | None:
         if depth == L:
@@ -807,8 +816,7 @@ def run(args, want: list[str]) -> int:
         if src is None:
             folders[key] = None
             return None
-        block = f"-b{args.int4_block_size or DEFAULT_INT4_BLOCK}" if quant == "int4" else ""  # never reuse another block size
-        name = f"onnx-{quant}{block}" + ("" if depth == L else f"-L{depth}")
+        name = (int4_name if quant == "int4" else f"onnx-{quant}") + ("" if depth == L else f"-L{depth}")
         out = work / name
         given = args.fp32_export if depth == L else args.baseline_fp32_export if depth == N else None
         if quant == "fp32" and given:
@@ -826,8 +834,8 @@ def run(args, want: list[str]) -> int:
             folders[key] = out
             return out
         what = (f"export_folder({src.name}, quant={quant}): fp32 trace + " + ("int8 DynamicQuantizeMatMul" if quant == "int8" else
-                f"int4 MatMulNBits (block {args.int4_block_size or DEFAULT_INT4_BLOCK})") if quant != "fp32" else f"export_folder({src.name}, quant=fp32)")
-        options = {"block_size": args.int4_block_size} if quant == "int4" and args.int4_block_size else None
+                f"int4 MatMulNBits (block {int4_block})") if quant != "fp32" else f"export_folder({src.name}, quant=fp32)")
+        options = {"block_size": int4_block} if quant == "int4" else None
         e = R.job(name, "export", {"src": str(src), "out": str(out), "quant": quant, "validate": args.validate,
                                    "quant_options": options}, what, input_bytes=_safetensors_bytes(src))
         folders[key] = None if "error" in e else out
@@ -1019,7 +1027,7 @@ def run(args, want: list[str]) -> int:
         compare("int4 prefill / int8 prefill (ours, full depth)", "onnx-int4", "onnx-int8", "prefill_s", TARGET_INT4_PREFILL, L)
         compare("int4 decode / int8 decode (ours, full depth)", "onnx-int4", "onnx-int8", "decode_s", None, L)
 
-    quant_targets = quantization_targets(J, fp32_bytes, mem_total, f"onnx-int4-b{args.int4_block_size or DEFAULT_INT4_BLOCK}")
+    quant_targets = quantization_targets(J, fp32_bytes, mem_total, int4_name)
 
     ref = PaliGemmaConfig.from_preset("paligemma-3b-pt-224")
     is_3b = (cfg.text.hidden_size, cfg.text.intermediate_size, L, cfg.text.vocab_size, cfg.vision.num_hidden_layers,
@@ -1037,7 +1045,7 @@ def run(args, want: list[str]) -> int:
         "new_tokens": args.new_tokens, "batch": 1, "provider": "cpu", "validate_exports": args.validate,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (unset)"), "hf_attn": args.hf_attn,
         "baseline_a": a_state, "baseline_b": b_state, "mem_total_bytes": mem_total, "geometry_is_3b": is_3b,
-        "int4_block_size": args.int4_block_size or DEFAULT_INT4_BLOCK,
+        "int4_block_size": int4_block,
     }
     results = {"benchmark": "quant_baselines", "command": "python benchmarks/bench_quant_baselines.py " + " ".join(sys.argv[1:]),
                "machine": info, "setup": setup, "jobs": J, "backends": B, "comparisons": comparisons,
@@ -1091,7 +1099,7 @@ def render_markdown(res: dict) -> str:
         f"- input: batch 1, one synthetic scene at {s['image_size']} px + \"{s['prompt']}\" = {s['prompt_tokens']} tokens "
         f"({s['image_tokens']} image tokens); {s['new_tokens']} tokens per pass (1 from prefill, {s['new_tokens'] - 1} decode "
         f"steps, greedy), {s['repeats']} timed passes after one warm-up; {s['threads']} threads; CPU",
-        f"- our int4: MatMulNBits, block size {s.get('int4_block_size', DEFAULT_INT4_BLOCK)} (asymmetric, accuracy level 4); "
+        f"- our int4: MatMulNBits, block size {s.get('int4_block_size', 'not recorded (32 in runs before the option existed)')} (asymmetric, accuracy level 4); "
         "our int8: DynamicQuantizeMatMul (the CPU defaults)",
         "- each backend and each job ran in a fresh process, one after the other (`pgexport.bench_worker` protocol); "
         "medians (p10-p90) in ms. prefill = time to the first token's logits, vision encoder included (except baseline "

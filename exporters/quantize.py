@@ -3,7 +3,7 @@
     >>> from pgexport.exporters.quantize import QuantOptions, quantize_folder
     >>> info = quantize_folder("exports/tmp-fp32", QuantOptions.create("int4"))  # doctest: +SKIP
     >>> info["bytes_after"] / info["bytes_before"]  # doctest: +SKIP
-    0.16
+    0.135
 
 `export_folder(..., quant="int4")` (`pgexport onnx --quant int4`) runs it on the freshly traced
 fp32 folder, inside its temporary folder, before the manifest is written and the export is
@@ -14,7 +14,8 @@ What is quantized, in all three graphs (numpy only, no torch, no onnxruntime):
 * every `MatMul` with a constant 2-D weight (SigLIP attention and MLP, the projector, Gemma
   attention and MLP; the exporter stores them pre-transposed, `[K=in, N=out]`):
   - int4, and int8 with `int8_format="nbits"`: `com.microsoft.MatMulNBits` (bits 4 or 8), the
-    weight transposed to `[N, K]` and quantized in blocks of `block_size` along K (K padded with
+    weight transposed to `[N, K]` and quantized in blocks of `block_size` along K (a layer with
+    fewer inputs uses the next power of two >= K instead, `linear_block_size`; K padded with
     zeros to a whole block), packed `[N, k_blocks, block_size * bits / 8]` uint8, 4-bit values
     low nibble first; scales `[N, k_blocks]` float32; zero points (asymmetric only) packed the
     same way, `[N, ceil(k_blocks * bits / 8)]` uint8;
@@ -43,7 +44,8 @@ Symmetric quantization follows ONNX Runtime's own quantizer: the block's largest
 maps to -2^(bits-1) (scale = that value / -2^(bits-1)), no zero-point tensor (the ops' default
 2^(bits-1) applies). Asymmetric: the block's range (extended to include 0) over 2^bits - 1 steps,
 with a zero point per block. Either way a linear weight's B, scales and zero points are byte for
-byte what `onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer` writes (tested);
+byte what `onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer` writes at the
+same block size (tested);
 ours exists because that quantizer skips the tied head (it reads the table through
 `Gemm(transB=1)`, not a constant MatMul weight), has no shared lookup table, and loads each
 graph's weights whole instead of streaming them into one deduplicated data file.
@@ -68,13 +70,16 @@ QUANTS = {"int8": 8, "int4": 4}
 INT8_FORMATS = ("nbits", "dynamic")
 TARGETS = ("cpu", "cuda")
 # Defaults, chosen by measurement (README "Quantization"):
-# - block 128 for int4 and int8. int4 at 128 rather than 32: at the 3B geometry it decodes at 0.82x
-#   onnxruntime-genai's int4 build (block 32: 0.93x) and prefills 1.6x faster than at 32, 16% smaller;
-#   on the trained demo model it keeps the int4 gates (teacher-forced top-1 96.8% vs 97.7% at 32,
-#   exact match -0.8 points, IoU -1.6; benchmarks/results/quant_demo.md). `--block-size 32` buys
-#   the last point of accuracy. int8: 99.5% top-1 with DynamicQuantizeMatMul, 99.6% MatMulNBits;
+# - block 128 for int4 and int8. int4 at 128 rather than 32: at the 3B geometry it decodes at 0.86x
+#   onnxruntime-genai's int4 build (benchmarks/results/quant_baselines.md; block 32: 0.93x in an
+#   earlier run), and side by side it decodes in 0.83x and prefills in 0.74x block 32's time, 16%
+#   smaller; on the trained demo model it keeps the int4 gates (against fp32: teacher-forced top-1
+#   96.8%, exact match 0.8 and IoU 1.6 points lost; block 32: 97.7%, 0.5, 1.4;
+#   benchmarks/results/quant_demo.md). int8: 99.5% top-1 with DynamicQuantizeMatMul, 99.6% MatMulNBits;
 DEFAULT_BLOCK_SIZE = {4: 128, 8: 128}
-# - int4 asymmetric (0.963 vs 0.941 symmetric, for 1/8 bit per weight more), int8 symmetric;
+# - int4 asymmetric, for 1/32 bit per weight more at block 128: on the demo model symmetric agrees
+#   slightly more often on top-1 (97.4% vs 96.8%) but loses 3.3 points of IoU (gate 2; asymmetric
+#   1.6): the zero point keeps the box coordinates; int8 symmetric;
 DEFAULT_SYMMETRIC = {4: False, 8: True}
 # - int8 on CPU: DynamicQuantizeMatMul (fastest); on CUDA: MatMulNBits (the CUDA provider runs
 #   the dynamic-quantization ops on the CPU);
@@ -99,8 +104,8 @@ def check_block_size(block_size: int) -> int:
 
 def linear_block_size(block_size: int, k: int) -> int:
     """The block of a linear layer with `k` inputs: the export's, but never more than the next power
-    of two >= k (>= 16), so a narrow matrix gets one block per row rather than zero padding (at
-    block 128, a 64-wide layer would otherwise store twice its weights)."""
+    of two >= k (>= 16), so a narrow matrix gets one block per row and a row is never padded past
+    that power of two (at block 128, a 64-wide layer would otherwise store twice its weights)."""
     fit = 16
     while fit < k:
         fit *= 2
@@ -360,7 +365,7 @@ class _Reader:
     def release(self, tensor) -> None:
         """Unmap the pages of an external tensor from this process (best effort, Linux/macOS)."""
         key = self.key(tensor)
-        if key[0] != "ext" or key[1] not in self.maps or not hasattr(mmap, "MADV_DONTNEED"):
+        if key[0] != "ext" or key[1] not in self.maps or not key[3] or not hasattr(mmap, "MADV_DONTNEED"):
             return
         _, location, offset, length = key
         start = offset - offset % mmap.PAGESIZE  # madvise wants a page-aligned start
@@ -542,7 +547,7 @@ class _GraphQuantizer:
         block = linear_block_size(o.block_size, k)
         if block != o.block_size:
             self._note(f"matrices with fewer than {o.block_size} inputs use one block per row (the next power of two "
-                       f">= their K, e.g. {block} for K {k}) instead of padding each row with zeros")
+                       f">= their K, e.g. {block} for K {k}) instead of a {o.block_size}-block padded with zeros")
         w = self._nbits(tensor, o.bits, block, transpose=True)
         self._count(f"MatMulNBits{o.bits}")
         return self._nbits_node(node.input[0], node.output, node.name, tensor.name, w, add, k, n)

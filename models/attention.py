@@ -44,6 +44,12 @@ def prefix_lm_mask(
     return allowed[:, None]
 
 
+# CPU training: the explicit path up to this many scores per head (a 1024-token sequence; at
+# 2 + 4 + 2 bytes each for bf16 scores, fp32 probabilities and bf16 probabilities: 8 MiB per head
+# and layer, kept for the backward pass).
+EXPLICIT_MAX_SCORES = 1024 * 1024
+
+
 def attention(
     q: torch.Tensor,  # [B, H, S, Dh]
     k: torch.Tensor,  # [B, Hkv, T, Dh]
@@ -58,13 +64,16 @@ def attention(
     graphs fold the group into the query length instead, which every ONNX runtime can run). fp16 always takes the explicit path below with
     the scores in fp32: the query is scaled before the product so the fp16 scores stay in range,
     and the soft-cap, mask and softmax run in fp32 (an fp16 softmax is what an exported fp16 SDPA
-    would otherwise compute). Training on the CPU also takes the explicit path: there PyTorch's
-    SDPA picks its flash kernel, whose backward was 3.7x slower than matmul-softmax-matmul at
-    the demo model's shapes (bf16, [64, 4, 84, 32]; a whole training step 1.45x faster).
+    would otherwise compute). Training on the CPU also takes the explicit path while the scores
+    are small (S x T <= EXPLICIT_MAX_SCORES): there PyTorch's SDPA picks its flash kernel, whose
+    backward was 3.7x slower than matmul-softmax-matmul at the demo model's shapes (bf16,
+    [64, 4, 84, 32]; a whole training step 1.47x faster). Longer sequences keep SDPA, which does
+    not store the [S, T] probabilities of every head for the backward pass.
     """
     B, H, S, Dh = q.shape
     groups = H // k.shape[1]
-    explicit = softcap is not None or (q.requires_grad and q.device.type == "cpu")
+    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    explicit = softcap is not None or (training and q.device.type == "cpu" and S * k.shape[2] <= EXPLICIT_MAX_SCORES)
     if groups > 1 and q.dtype != torch.float16 and not explicit and not torch.compiler.is_exporting():
         # Eager fast path: SDPA maps query head h to KV head h // groups itself (no copy of the
         # cache) and keeps the small [B, 1, S, T] boolean mask, as transformers does.

@@ -132,3 +132,29 @@ def test_bad_options_give_one_line_errors(tmp_path):
     assert res.exit_code == 1 and "not a `pgexport bench` report" in res.output
     res = CliRunner().invoke(main, ["bench", "--model", str(tmp_path / "missing")])
     assert res.exit_code == 1 and "not found" in res.output
+
+
+def test_quant_baselines_memory_targets_and_block_option():
+    """benchmarks/bench_quant_baselines.py: the memory target covers the int4 job under its
+    per-block folder name, skips reused folders, and --int4-block-size rejects invalid sizes."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_quant_baselines.py"
+    spec = importlib.util.spec_from_file_location("bench_quant_baselines", path)
+    bqb = importlib.util.module_from_spec(spec)
+    argv, sys.argv = sys.argv, [str(path)]
+    try:
+        spec.loader.exec_module(bqb)
+    finally:
+        sys.argv = argv
+    gib = 2**30
+    jobs = {"onnx-int8": {"kind": "reused"}, "onnx-int4-b128": {"peak_rss": 6 * gib},
+            "onnx-int4-b32": {"peak_rss": 1 * gib}, "torch-int8": {"peak_rss": 16 * gib}, "torch-int4": {"error": "boom"}}
+    got = {t["job"]: t for t in bqb.quantization_targets(jobs, 10 * gib, 24 * gib, "onnx-int4-b128")}
+    assert set(got) == {"onnx-int4-b128", "torch-int8", "torch-int4"}  # reused and other block sizes left out
+    assert got["onnx-int4-b128"]["ratio"] == pytest.approx(0.6) and got["onnx-int4-b128"]["met"]
+    assert got["torch-int8"]["ratio"] == pytest.approx(1.6) and not got["torch-int8"]["met"]  # over 1.5x
+    assert not got["torch-int4"]["met"]
+    with pytest.raises(SystemExit):
+        bqb.main(["--int4-block-size", "48"])

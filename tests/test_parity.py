@@ -237,13 +237,14 @@ def test_prefix_lm_mask_prefill_layout():
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
 @pytest.mark.parametrize("masked", [True, False])
-def test_cpu_training_attention_matches_sdpa(kv_heads, masked, record_diff):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_cpu_training_attention_matches_sdpa(kv_heads, masked, dtype, monkeypatch, record_diff):
     """With gradients on the CPU, attention() takes its explicit path (PyTorch's CPU flash
-    backward is slow); outputs and gradients are SDPA's, grouped KV heads and masks included."""
-    from pgexport.models.attention import attention
+    backward is slow) and gives SDPA's outputs and gradients: grouped KV heads, masks, a scale."""
+    import pgexport.models.attention as att
 
     g = torch.Generator().manual_seed(kv_heads + 10 * masked)
-    B, H, S, Dh = 3, 4, 9, 16
+    B, H, S, Dh, scale = 3, 4, 9, 16, 0.3
     q = torch.randn(B, H, S, Dh, generator=g, dtype=torch.float64)
     k, v = (torch.randn(B, kv_heads, S, Dh, generator=g, dtype=torch.float64) for _ in range(2))
     mask = None
@@ -255,17 +256,42 @@ def test_cpu_training_attention_matches_sdpa(kv_heads, masked, record_diff):
         mask = prefix_lm_mask(torch.arange(S), valid, prefix, prefix)
     out_grad = torch.randn(B, H, S, Dh, generator=g, dtype=torch.float64)
 
-    mine = [t.clone().requires_grad_() for t in (q, k, v)]
-    got = attention(*mine, mask, None)  # requires_grad on the CPU: the explicit path
-    (got * out_grad).sum().backward()
-    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]  # the reference in fp64 through SDPA itself
     kr, vr = (t.repeat_interleave(H // kv_heads, dim=1) for t in ref[1:])  # query head h reads KV head h // groups
-    want = torch.nn.functional.scaled_dot_product_attention(ref[0], kr, vr, attn_mask=mask)
+    want = torch.nn.functional.scaled_dot_product_attention(ref[0], kr, vr, attn_mask=mask, scale=scale)
     (want * out_grad).sum().backward()
-    record_diff("cpu training attention vs SDPA (fp64)", (got - want).abs().max().item())
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("CPU training took SDPA")
+
+    monkeypatch.setattr(att.F, "scaled_dot_product_attention", no_sdpa)
+    mine = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    got = att.attention(*mine, mask, scale)
+    (got.double() * out_grad).sum().backward()
+    tol = 1e-10 if dtype == torch.float64 else 0.05  # bf16 keeps 8 bits of mantissa
+    record_diff(f"cpu training attention vs SDPA ({dtype})", (got.double() - want).abs().max().item())
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
     for a, b in zip(mine, ref):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=tol, atol=tol)
+
+
+def test_long_cpu_training_sequences_keep_sdpa(monkeypatch):
+    """Past EXPLICIT_MAX_SCORES the explicit path would store every head's [S, T] probabilities
+    for the backward pass; SDPA is used instead. Inference (no gradients) always uses SDPA."""
+    import pgexport.models.attention as att
+
+    calls = []
+    sdpa = att.F.scaled_dot_product_attention
+    monkeypatch.setattr(att.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    monkeypatch.setattr(att, "EXPLICIT_MAX_SCORES", 8 * 8)
+    q, k, v = (torch.randn(1, 2, 9, 4, requires_grad=True) for _ in range(3))  # 9 x 9 scores > 64
+    att.attention(q, k, v, None, None).sum().backward()
+    assert calls == [1]
+    with torch.no_grad():
+        att.attention(q[:, :, :8], k[:, :, :8], v[:, :, :8], None, None)  # 64 scores, but no gradients
+    assert calls == [1, 1]
+    att.attention(q[:, :, :8], k[:, :, :8], v[:, :, :8], None, None)  # 64 scores with gradients: explicit
+    assert calls == [1, 1]
 
 
 # ----------------------------------------------------------------------------- vision tower

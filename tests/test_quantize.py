@@ -37,10 +37,12 @@ pytest.importorskip("onnxscript")
 import pgexport  # noqa: E402
 from pgexport.exporters.pipeline import export_folder  # noqa: E402
 from pgexport.exporters.quantize import (  # noqa: E402
+    DEFAULT_BLOCK_SIZE,
     NBitsWeight,
     QuantOptions,
     dequantize_nbits,
     folder_model_bytes,
+    linear_block_size,
     pack_bits,
     quantize_folder,
     simulate,
@@ -345,10 +347,11 @@ def test_quantized_graph_structure(quant_export):
         head = [n for n in proto.graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith(table)]
         linear = [n for n in proto.graph.node if n.op_type == linear_op and not n.input[1].startswith(table)]
         assert len(linear) == expected_linear[graph], (graph, len(linear))
-        for n in linear if bits == 4 else []:  # block 128, or one block per row where K is narrower
+        for n in linear if bits == 4 else []:  # the default block, or one block per row where K is narrower
             attrs = {a.name: a.i for a in n.attribute}
-            assert attrs["block_size"] == min(128, max(16, 1 << (attrs["K"] - 1).bit_length())), (n.name, attrs)
-            assert inits[n.input[1]].dims[1] == -(-attrs["K"] // attrs["block_size"])  # no all-padding blocks
+            assert attrs["block_size"] == linear_block_size(DEFAULT_BLOCK_SIZE[4], attrs["K"]), (n.name, attrs)
+        if bits == 4 and graph == "vision_encoder.onnx":  # SigLIP 64 wide: one 64-block per row, not a padded 128
+            assert {a.i for n in linear for a in n.attribute if a.name == "block_size"} == {64, 128}
         assert not [n for n in proto.graph.node if n.op_type in ("Gemm", "Gather") and table in n.input]
         for t in inits.values():  # no float copy of the table or of a linear weight is left
             assert not (t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and not t.name.endswith(".scales")
@@ -559,10 +562,9 @@ def test_same_bytes_as_onnxruntime_quantizer(bits, symmetric):
 
 
 def _rss_file_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssFile:"):
-            return int(line.split()[1])
-    raise AssertionError("no RssFile line")
+    """Resident pages of mapped files: RssFile, plus RssShmem for files on tmpfs (a /tmp there)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return sum(int(fields[k].split()[0]) for k in ("RssFile", "RssShmem") if k in fields)
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc to read the process's RSS")
@@ -590,3 +592,9 @@ def test_reader_release_unmaps_the_pages_it_read(tmp_path):
     assert _rss_file_kib() - before < 1024
     np.testing.assert_array_equal(reader.array(t), values)
     reader.close()
+
+
+def test_linear_block_size_caps_at_the_layer_width():
+    """A layer narrower than the block gets one block per row: the next power of two >= K."""
+    assert [linear_block_size(128, k) for k in (8, 16, 48, 64, 100, 128, 1152)] == [16, 16, 64, 64, 128, 128, 128]
+    assert linear_block_size(32, 64) == 32 and linear_block_size(32, 1152) == 32
