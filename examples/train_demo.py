@@ -23,23 +23,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pgexport.dataset import COLOURS, SHAPES, cell_labels, cell_pooling, make_examples, render, write_dataset
-from pgexport.image import preprocess_images
+from pgexport.dataset import COLOURS, SHAPES, cell_labels, cell_pooling, make_examples, read_jsonl, render, write_dataset
 from pgexport.demo import DEMO_BASE_VOCAB, DEMO_DIR, demo_config
 from pgexport.finetune import TrainConfig, evaluate, finetune, native_bf16
-from pgexport.dataset import read_jsonl
+from pgexport.image import preprocess_images
 from pgexport.models import PaliGemma
 from pgexport.processor import PaliGemmaProcessor
 from pgexport.tokenizer import build_paligemma_tokenizer

@@ -85,23 +85,17 @@ def attention(
         q = q.reshape(B, k.shape[1], groups * S, Dh)
         if mask is not None:
             mask = mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * S, mask.shape[-1])
-    if q.dtype == torch.float16:
-        scores = torch.matmul(q * (Dh**-0.5 if scale is None else scale), k.transpose(-1, -2)).float()
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
-        if mask is not None:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        out = torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), v)
-    elif not explicit:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    else:
-        # CPU training, or Gemma 2, which squashes the raw scores with tanh before masking
-        # (SDPA cannot express that).
-        scores = torch.matmul(q, k.transpose(-1, -2)) * (Dh**-0.5 if scale is None else scale)  # [B, Hkv, groups * S, T]
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
-        if mask is not None:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)  # fp32 for bf16
-        out = torch.matmul(probs, v)
+    if q.dtype != torch.float16 and not explicit:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).reshape(B, H, S, Dh)
+    scale = Dh**-0.5 if scale is None else scale
+    if q.dtype == torch.float16:  # scale the query first so the fp16 product stays in range, then fp32
+        scores = torch.matmul(q * scale, k.transpose(-1, -2)).float()  # [B, Hkv, groups * S, T]
+    else:  # CPU training, or Gemma 2, whose soft-cap (tanh of the raw scores) SDPA cannot express
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))  # fp32 for fp16/bf16
+    out = torch.matmul(probs.to(q.dtype), v)
     return out.reshape(B, H, S, Dh)
