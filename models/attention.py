@@ -67,7 +67,7 @@ def attention(
     would otherwise compute). Training on the CPU also takes the explicit path while the scores
     are small (S x T <= EXPLICIT_MAX_SCORES): there PyTorch's SDPA picks its flash kernel, whose
     backward was 3.7x slower than matmul-softmax-matmul at the demo model's shapes (bf16,
-    [64, 4, 84, 32]; a whole training step 1.47x faster). Longer sequences keep SDPA, which does
+    [64, 4, 84, 32]; a whole training step 1.46x faster, benchmarks/bench_train_step.py). Longer sequences keep SDPA, which does
     not store the [S, T] probabilities of every head for the backward pass.
     """
     B, H, S, Dh = q.shape
