@@ -1,11 +1,12 @@
 """Task accuracy of the int8 / int4 ONNX exports of the demo model against fp32 (CPU).
 
-    python benchmarks/eval_quant_demo.py                       # pgexport/assets/demo, 100 test images
+    python benchmarks/eval_quant_demo.py                       # pgexport/assets/demo, 500 test images
     python benchmarks/eval_quant_demo.py --model DIR --images 40 --out results.json
 
 For each variant (fp32 export, int8 dynamic / MatMulNBits, int4 with the defaults and with other
 block sizes, symmetry, accuracy level, 8-bit head) on the shapes test set drawn with seed 1234
-(the demo's held-out set, `examples/train_demo.py`):
+(its first 100 images are the demo's held-out set, `examples/train_demo.py`; 500 images give 1941
+answers, so one flipped answer is 0.05 points of exact match, 0.26 on 100 images):
 
 * task accuracy with greedy decoding through ONNX Runtime (`OnnxPaliGemma.generate`), scored as
   `pgexport.finetune.evaluate` scores the eager model: exact match per question / caption task,
@@ -53,7 +54,8 @@ def variants():
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model folder (default: pgexport/assets/demo)")
-    ap.add_argument("--images", type=int, default=100, help="test images (4-5 examples each)")
+    ap.add_argument("--images", type=int, default=500,
+                    help="test images (4-5 examples each; the gates of tests/test_quantize.py use 500)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
     ap.add_argument("--out", default=str(RESULTS))
@@ -78,6 +80,8 @@ def main(argv=None) -> int:
         write_dataset(work / "data", seed=TEST_SEED, train=0, val=0, test=args.images)
         records = read_jsonl(work / "data" / "test.jsonl")
         summary["examples"] = len(records)
+        summary["answers"] = sum(r.task != "detect" for r in records)  # exact-match examples
+        summary["boxes"] = len(records) - summary["answers"]
         model = pgexport.load_model(str(model_dir), dtype="float32")
         processor = pgexport.load_processor(str(model_dir))
         eos, pad = model.cfg.eos_token_id, model.cfg.pad_token_id
@@ -154,18 +158,22 @@ def disagreements(reference, got, active, processor) -> dict:
 def markdown(summary: dict) -> str:
     """The Markdown table of `summary`: one row per variant, losses against eager fp32 in points."""
     eager = summary["eager_fp32"]["task"]
+    answers = summary.get("answers")
     lines = [f"Demo-model quantization accuracy: {summary['model']}, test seed {summary['test_seed']}, "
-             f"{summary['images']} images / {summary.get('examples', '?')} examples. Eager fp32: exact match "
+             f"{summary['images']} images / {summary.get('examples', '?')} examples ({answers or '?'} exact-match "
+             f"answers, {summary.get('boxes', '?')} boxes). Eager fp32: exact match "
              f"{eager['exact_match']:.4f}, detection IoU {eager['detect_iou']:.4f}.", "",
-             "| variant | size vs fp32 export | exact match | loss (points) | detection IoU | loss (points) "
+             "| variant | size vs fp32 export | exact match | loss (points; net answers) | detection IoU | loss (points) "
              "| TF top-1 | top-1 misses (of which <loc>: median / max bins apart) | mean KL | cosine |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in summary["variants"].items():
         t, q = v["task"], v["teacher_forced"]
         d = q["disagreements"]
-        lines.append(f"| {name} | {v['size_ratio']:.3f} | {t['exact_match']:.4f} | "
-                     f"{100 * (eager['exact_match'] - t['exact_match']):+.1f} | {t['detect_iou']:.4f} | "
-                     f"{100 * (eager['detect_iou'] - t['detect_iou']):+.1f} | {q['top1_agreement']:.4f} | "
+        lost = eager["exact_match"] - t["exact_match"]
+        net = f"; {round(lost * answers):+d}" if answers else ""
+        lines.append(f"| {name} | {v['size_ratio']:.3f} | {t['exact_match']:.4f} | {100 * lost:+.2f}{net} | "
+                     f"{t['detect_iou']:.4f} | "
+                     f"{100 * (eager['detect_iou'] - t['detect_iou']):+.2f} | {q['top1_agreement']:.4f} | "
                      f"{d['count']} ({d['loc_tokens']}: {d['loc_bins_median']} / {d['loc_bins_max']}) | "
                      f"{q['mean_kl']:.2e} | {q['mean_cosine']:.5f} |")
     return "\n".join(lines)

@@ -7,7 +7,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
@@ -158,3 +157,65 @@ def test_quant_baselines_memory_targets_and_block_option():
     assert not got["torch-int4"]["met"]
     with pytest.raises(SystemExit):
         bqb.main(["--int4-block-size", "48"])
+
+
+def test_decode_roofline_counts_the_weight_bytes(bench, tmp_path):
+    """benchmarks/bench_decode_roofline.py: bytes per token are the decode graph's weight bytes
+    (read back from the data file) plus at most the KV cache, and every weight op is counted."""
+    from onnx import numpy_helper
+
+    from benchmarks.bench_decode_roofline import WEIGHT_OPS, main as roofline
+
+    folder = next(p.parent for p in (bench["base"] / "cache").rglob("decode.onnx") if "int8" in str(p))
+    past = 12
+    result = roofline(["--folder", str(folder), "--repeats", "2", "--past", str(past), "--bandwidth-gib", "0.05",
+                       "--out", str(tmp_path / "r")])
+    graph = onnx.load(str(folder / "decode.onnx")).graph
+    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    weight_nodes = [n for n in graph.node if n.op_type in WEIGHT_OPS and any(i in arrays for i in n.input[1:])]
+    weights = sum(arrays[i].nbytes for n in weight_nodes for i in n.input[1:] if i in arrays)
+    kv = 0  # bytes of the cache one step reads: [1, kv heads, past + 1, head dim] float32 per input
+    for i in graph.input:
+        if i.name.startswith("past_key_values."):
+            dims = i.type.tensor_type.shape.dim
+            kv += dims[1].dim_value * (past + 1) * dims[3].dim_value * 4
+    got = result["folders"][folder.name]
+    assert weights <= got["bytes_per_token"] <= weights + 2 * kv
+    ops = got["ops"]
+    assert ops["DynamicQuantizeMatMul"]["calls"] == sum(n.op_type == "DynamicQuantizeMatMul" for n in graph.node)
+    assert got["roofline_ms"] == pytest.approx(got["bytes_per_token"] / result["read_bandwidth_gbs"] / 1e6)
+    assert (tmp_path / "r.md").read_text().count("| DynamicQuantizeMatMul |") == 1
+
+
+def test_pair_bench_compares_folders_pass_by_pass(bench, tmp_path):
+    """benchmarks/bench_pair.py: one process, every folder timed each pass, paired ratios per part;
+    a folder that is not an export is refused with a usage error."""
+    from benchmarks.bench_pair import PARTS, main as pair
+
+    folder = next(p.parent for p in (bench["base"] / "cache").rglob("decode.onnx") if "int8" in str(p))
+    twin = tmp_path / "twin"
+    shutil.copytree(folder, twin)
+    out = tmp_path / "pair"
+    assert pair([str(folder), str(twin), "--passes", "2", "--new-tokens", "3", "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert set(result["folders"]) == {folder.name, "twin"}
+    ratios = result["ratios"][f"{folder.name} / twin"]
+    for part in PARTS:
+        assert result["folders"]["twin"][part]["n"] == 2 and ratios[part]["n"] == 2
+        assert 0 < ratios[part]["median"] < 10
+    with pytest.raises(SystemExit):
+        pair([str(tmp_path), str(twin)])
+
+
+def test_matmul_kernel_bench_matches_the_float_product(tmp_path):
+    """benchmarks/bench_matmul_kernels.py: every kernel/format it times computes A @ W within its
+    quantization error (int8 tight, 4 bits looser), so its timings are of working layers."""
+    from benchmarks.bench_matmul_kernels import main as kernels
+
+    out = tmp_path / "k"
+    assert kernels(["--rows", "3", "--k", "128", "--n", "48", "--blocks", "16,32", "--repeats", "2", "--out", str(out)]) == 0
+    variants = json.loads(out.with_suffix(".json").read_text())["variants"]
+    assert len(variants) == 2 + 2 * 2 + 2 + 1
+    for name, v in variants.items():
+        limit = 0.2 if "4-bit" in name else 0.03
+        assert 0 < v["max_rel_error"] < limit, (name, v["max_rel_error"])

@@ -1,0 +1,144 @@
+"""ONNX export folders side by side in one process: vision encoder, prefill, decode, interleaved.
+
+    python benchmarks/bench_pair.py --threads 1 --passes 15 \\
+        /tmp/pgexport-bench-quant/onnx-int8-L6 /tmp/pgexport-bench-quant/quantize-dynamic-int8-L6
+
+`bench_quant_baselines.py` measures each backend in a process of its own, one after the other
+(clean load times and peak RSS), so a ratio between two backends there also carries whatever the
+shared machine did between their runs. Here every folder is loaded in one process
+(`pgexport.runtime.OnnxPaliGemma`, CPU) and the passes alternate: pass r starts with folder
+r mod n. A pass is, on batch 1 (one synthetic scene + "caption en", as bench_quant_baselines):
+the vision encoder alone; prefill (vision included, to the first token's logits); then
+--new-tokens - 1 greedy decode steps. Each pass gives a ratio of the first folder's time to each
+other folder's, and the report gives the median and p10-p90 of those paired ratios next to the
+medians. Writes benchmarks/results/pair.json and .md (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import set_omp_wait_policy  # noqa: E402
+
+if __name__ == "__main__":
+    set_omp_wait_policy(sys.argv[1:])
+
+import numpy as np  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    Stats,
+    fmt_stats_ms,
+    machine_info,
+    machine_markdown,
+    markdown_table,
+    progress,
+    write_results,
+)
+
+RESULTS = Path(__file__).parent / "results" / "pair"  # .json and .md
+PARTS = ("vision", "prefill", "decode")
+
+
+def one_pass(rt, batch, new_tokens: int) -> dict[str, float]:
+    """Seconds for the vision encoder, the prefill and the median decode step of one pass."""
+    px = batch["pixel_values"]
+    t = time.perf_counter()
+    rt.encode_image(px)
+    vision = time.perf_counter() - t
+    stepper = rt.stepper()
+    t = time.perf_counter()
+    logits = stepper.prefill(batch["input_ids"], batch["attention_mask"], px, new_tokens)
+    prefill = time.perf_counter() - t
+    steps = []
+    for _ in range(new_tokens - 1):
+        token = np.asarray(logits).argmax(-1).astype(np.int64)  # [1]
+        t = time.perf_counter()
+        logits = stepper.decode(token)
+        steps.append(time.perf_counter() - t)
+    return {"vision": vision, "prefill": prefill, "decode": float(np.median(steps))}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", nargs="+", help="export folders (the first is compared with each other one)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--passes", type=int, default=15, help="timed passes per folder, after one warm-up pass each")
+    ap.add_argument("--new-tokens", type=int, default=8, help="tokens per pass: the first from prefill, the others decoded")
+    ap.add_argument("--omp-wait-policy", default=None, choices=["passive", "active", "default"])
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    folders = [Path(f) for f in args.folders]
+    for f in folders:
+        if not (f / "pgexport.json").is_file():
+            ap.error(f"{f} is not an export folder (no pgexport.json): pass folders written by pgexport onnx")
+    if len(set(f.name for f in folders)) != len(folders):
+        ap.error("folders must have different names (they label the results)")
+
+    from pgexport.bench import _inputs
+    from pgexport.processor import PaliGemmaProcessor
+    from pgexport.runtime import OnnxPaliGemma
+
+    names = [f.name for f in folders]
+    runtimes = {}
+    for f in folders:
+        progress(f"loading {f} ...")
+        runtimes[f.name] = OnnxPaliGemma(f, threads=args.threads)
+    processor = PaliGemmaProcessor.from_pretrained(str(folders[0]))
+    with tempfile.TemporaryDirectory() as tmp:
+        x = _inputs(1, None, Path(tmp))[0]
+        batch = processor(images=[x["image"]], prompts=[x["prompt"]])
+    prompt_tokens = int(batch["input_ids"].shape[1])
+
+    times = {n: [] for n in names}
+    for r in range(args.passes + 1):  # pass 0 is the warm-up
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            got = one_pass(runtimes[n], batch, args.new_tokens)
+            if r:
+                times[n].append(got)
+        progress(f"pass {r + 1}/{args.passes + 1}" + (" (warm-up)" if r == 0 else "") + ": "
+                 + ", ".join(f"{n} prefill {times[n][-1]['prefill'] * 1e3:.0f} ms" for n in names if r))
+    for rt in runtimes.values():
+        rt.close()
+
+    result = {"threads": args.threads, "passes": args.passes, "new_tokens": args.new_tokens,
+              "prompt_tokens": prompt_tokens, "prompt": x["prompt"], "folders": {}, "ratios": {}}
+    for n, f in zip(names, folders):
+        result["folders"][n] = {"path": str(f), **{p: Stats.of(t[p] for t in times[n]) for p in PARTS}}
+    first = names[0]
+    for other in names[1:]:
+        result["ratios"][f"{first} / {other}"] = {
+            p: Stats.of(a[p] / b[p] for a, b in zip(times[first], times[other])) for p in PARTS}
+    result["machine"] = machine_info(["onnxruntime", "numpy"])
+    command = " ".join(["python benchmarks/bench_pair.py"] + list(argv if argv is not None else sys.argv[1:]))
+    paths = write_results(args.out, result, markdown(result, command))
+    progress("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+def markdown(r: dict, command: str) -> str:
+    lines = ["# Export folders side by side (one process, interleaved passes)", "", f"`{command}`", "",
+             f"- batch 1, one synthetic scene + \"{r['prompt']}\" = {r['prompt_tokens']} prompt tokens; "
+             f"{r['new_tokens']} tokens per pass (1 from prefill, {r['new_tokens'] - 1} decode steps, greedy); "
+             f"{r['passes']} timed passes per folder after one warm-up; {r['threads']} thread(s); CPU",
+             "- prefill includes the vision encoder; decode is each pass's median step; medians (p10-p90) in ms", "",
+             markdown_table(["folder", "vision ms", "prefill ms", "decode ms/token"],
+                            [[n, fmt_stats_ms(f["vision"]), fmt_stats_ms(f["prefill"]), fmt_stats_ms(f["decode"], 2)]
+                             for n, f in r["folders"].items()])]
+    if r["ratios"]:
+        lines += ["", "Paired ratios (per pass, then the median and p10-p90 over passes):", "",
+                  markdown_table(["ratio", "vision", "prefill", "decode"],
+                                 [[k] + [f"{v[p].median:.3f} ({v[p].p10:.3f}-{v[p].p90:.3f})" for p in PARTS]
+                                  for k, v in r["ratios"].items()])]
+    lines += ["", machine_markdown(r["machine"])]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
