@@ -1,24 +1,27 @@
 """Batch-1 decode of ONNX exports against the memory roofline: how fast could a token be?
 
     python benchmarks/bench_decode_roofline.py --threads 1 \\
-        --folder /tmp/pgexport-bench-quant/onnx-int8-L6 --folder /tmp/pgexport-bench-quant/quantize-dynamic-int8-L6
+        /tmp/pgexport-bench-quant/onnx-int8-L6 /tmp/pgexport-bench-quant/quantize-dynamic-int8-L6
 
-At batch 1 every weight matrix is read once per token and each is used for one multiply-add per
-byte (int8), so decode time is bounded below by (weight bytes read per token) / (memory read
-bandwidth). For each export folder (our `decode.onnx` contract: `input_ids`, `attention_mask`,
-`past_key_values.*`), this script
+At batch 1 every weight matrix is read once per token for one multiply-add per weight, so a
+decode step cannot take less than (bytes it reads) / (memory read bandwidth). For each export
+folder (our `decode.onnx` contract: `input_ids`, `attention_mask`, `past_key_values.*`), this
+script
 
 * times one decode step after a prompt of --past tokens (random KV cache), wall clock, the
-  folders' sessions interleaved pass by pass;
-* profiles the same step with ONNX Runtime's profiler (a second session): kernel time per op
-  type, and for the weight-reading ops (`DynamicQuantizeMatMul`, `MatMulIntegerToFloat`,
-  `MatMulNBits`, ...) the bytes of their inputs after the first (weights, scales, zero points,
-  or the KV cache for attention's MatMuls), hence the GB/s each op type reaches;
-* measures this machine's read bandwidth on the same number of threads (a float32 dot product
-  over 1 GiB, numpy's BLAS: it reads each byte once and does little else).
+  folders' sessions interleaved call by call;
+* then profiles the same step in a second session per folder with ONNX Runtime's profiler (not
+  interleaved, so its kernel times and the wall times can differ by the machine's noise):
+  kernel time per op type; the bytes each kernel reads besides its activation: the decode graph's
+  initializers for weight ops (prepacked weights show up empty in the profile, so their size is
+  taken from the graph by node name; ONNX Runtime keeps that name when it fuses, e.g.
+  MatMulInteger -> MatMulIntegerToFloat), and the KV cache for attention's MatMuls;
+* measures this machine's read bandwidth (a float32 dot product over --bandwidth-gib GiB with
+  numpy's BLAS; on --threads threads when run as a script, which sets the BLAS thread count).
 
-Roofline = bytes read per token / that bandwidth: no kernel can decode faster than that.
-Writes benchmarks/results/decode_roofline.json and .md (or --out).
+Roofline = bytes per token / bandwidth: no kernel can read them faster. Best case = roofline +
+the time of the other kernels (norms, rotary, attention's softmax, ...): a decode step with
+weight kernels at the roofline. Writes benchmarks/results/decode_roofline.json and .md (or --out).
 """
 
 from __future__ import annotations
@@ -43,7 +46,6 @@ if __name__ == "__main__":  # BLAS threads are fixed when numpy loads
 
 import json  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -55,12 +57,16 @@ from benchmarks.common import (  # noqa: E402
     machine_markdown,
     markdown_table,
     progress,
+    timed_call,
     write_results,
 )
 
 RESULTS = Path(__file__).parent / "results" / "decode_roofline"  # .json and .md
-WEIGHT_OPS = {"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger", "MatMulNBits", "MatMul", "FusedMatMul",
-              "Gemm", "QGemm", "MatMulFpQ4"}
+# Kernels that multiply by a matrix: a weight (an initializer: all of it is read per token) or,
+# for attention's Q.K^T and P.V, the KV cache. Other kernels read activations, constants or a
+# row of the embedding table (Gather): kilobytes, counted as "other kernels".
+MATMUL_OPS = {"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger", "MatMulNBits", "MatMul",
+              "FusedMatMul", "Gemm"}
 DTYPE_BYTES = {"float": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8, "bool": 1}
 
 
@@ -68,14 +74,8 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
     """Bytes per second a float32 dot product over `gib` GiB reads (best of `repeats`)."""
     x = np.random.default_rng(0).random(int(gib * 2**30) // 4, dtype=np.float32)
     np.dot(x, x)
-    best = min(_timed(lambda: np.dot(x, x)) for _ in range(repeats))
+    best = min(timed_call(lambda: np.dot(x, x)).seconds for _ in range(repeats))
     return x.nbytes / best
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def decode_feeds(session, past: int) -> dict:
@@ -99,9 +99,8 @@ def session(folder: Path, threads: int, profile_prefix: str | None = None):
     return ort.InferenceSession(str(folder / "decode.onnx"), so, providers=["CPUExecutionProvider"])
 
 
-def input_bytes(shapes: list[dict]) -> int:
-    """Bytes of every input but the first (the activation) of a profiled node, as the profiler
-    lists them (a prepacked weight shows up empty: `weight_bytes` has its size)."""
+def listed_bytes(shapes: list[dict]) -> int:
+    """Bytes of every input but the first (the activation) as the profiler lists them."""
     total = 0
     for entry in shapes[1:]:
         (dtype, shape), = entry.items()
@@ -110,8 +109,7 @@ def input_bytes(shapes: list[dict]) -> int:
 
 
 def weight_bytes(folder: Path) -> dict[str, int]:
-    """Node name -> bytes of its initializer inputs in decode.onnx (ONNX Runtime keeps the name
-    of the node it fuses others into, e.g. MatMulInteger -> MatMulIntegerToFloat)."""
+    """Node name -> bytes of its initializer inputs after the first, in decode.onnx."""
     import onnx
     from onnx import TensorProto as T
 
@@ -119,117 +117,138 @@ def weight_bytes(folder: Path) -> dict[str, int]:
              T.INT4: 0.5, T.UINT4: 0.5}
     graph = onnx.load(str(folder / "decode.onnx"), load_external_data=False).graph
     init = {t.name: int(np.prod(t.dims, dtype=np.int64) * sizes.get(t.data_type, 4)) for t in graph.initializer}
+    names = [n.name for n in graph.node]
+    if "" in names or len(set(names)) != len(names):
+        raise SystemExit(f"{folder / 'decode.onnx'} has unnamed or duplicate node names: its kernels cannot be "
+                         "matched to their weights")
     return {n.name: sum(init.get(i, 0) for i in n.input[1:]) for n in graph.node}
 
 
 def profile(folder: Path, threads: int, past: int, runs: int) -> dict:
-    """Kernel time per op type (ms per token) and, for weight-reading ops, bytes per token."""
+    """Per op type: kernel ms per token, calls per token, weight bytes and KV bytes per token."""
+    graph_bytes = weight_bytes(folder)
     with tempfile.TemporaryDirectory() as tmp:
         s = session(folder, threads, str(Path(tmp) / "p"))
         feeds = decode_feeds(s, past)
-        for _ in range(runs + 1):
+        for _ in range(runs + 1):  # the first is a warm-up, left out below
             s.run(None, feeds)
         events = json.loads(Path(s.end_profiling()).read_text())
-    graph_bytes = weight_bytes(folder)
-    per_run = defaultdict(lambda: {"ms": 0.0, "calls": 0, "bytes": 0})
-    skipped_first = set()  # the first (warm-up) call of each node is left out
+    run_starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    if len(run_starts) != runs + 1:
+        raise RuntimeError(f"expected {runs + 1} model_run events in the profile, found {len(run_starts)}")
+    per_op = defaultdict(lambda: {"ms": 0.0, "calls": 0.0, "weight_bytes": 0.0, "kv_bytes": 0.0})
     for e in events:
-        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
-            continue
-        if e["name"] not in skipped_first:
-            skipped_first.add(e["name"])
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < run_starts[1]:
             continue
         op = e["args"]["op_name"]
-        row = per_run[op]
+        row = per_op[op]
         row["ms"] += e["dur"] / 1e3 / runs
-        row["calls"] += 1
-        if op in WEIGHT_OPS:
-            node = e["name"][:-len("_kernel_time")]
-            row["bytes"] += max(graph_bytes.get(node, 0), input_bytes(e["args"].get("input_type_shape", []))) / runs
-    for row in per_run.values():
-        row["calls"] //= runs
-    return dict(sorted(per_run.items(), key=lambda kv: -kv[1]["ms"]))
+        row["calls"] += 1  # divided by runs below (exact: no warm-up call counted)
+        if op in MATMUL_OPS:
+            weights = graph_bytes.get(e["name"][:-len("_kernel_time")], 0)
+            row["weight_bytes"] += weights / runs
+            if not weights:
+                row["kv_bytes"] += listed_bytes(e["args"].get("input_type_shape", [])) / runs
+    for row in per_op.values():
+        row["calls"] /= runs
+    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]["ms"]))
+
+
+def summarize(ops: dict, decode_ms: float, bandwidth: float) -> dict:
+    """Totals of one folder: bytes per token, weight-op and other kernel ms, roofline, best case."""
+    weight_ms = sum(r["ms"] for r in ops.values() if r["weight_bytes"])
+    kernel_ms = sum(r["ms"] for r in ops.values())
+    nbytes = sum(r["weight_bytes"] + r["kv_bytes"] for r in ops.values())
+    roofline = nbytes / bandwidth * 1e3
+    other = kernel_ms - weight_ms - sum(r["ms"] for r in ops.values() if r["kv_bytes"] and not r["weight_bytes"])
+    return {"decode_ms": decode_ms, "bytes_per_token": nbytes, "weight_bytes_per_token": sum(r["weight_bytes"] for r in ops.values()),
+            "kernel_ms": kernel_ms, "weight_op_ms": weight_ms, "other_kernel_ms": other, "roofline_ms": roofline,
+            "best_case_ms": roofline + other}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--folder", action="append", required=True, help="export folder (repeat; the first is 'ours')")
+    ap.add_argument("folders", nargs="+", help="export folders (the first is compared with each other one)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--past", type=int, default=260, help="cached positions (260: one 224-px image + a prompt)")
     ap.add_argument("--repeats", type=int, default=30, help="timed decode steps per folder")
+    ap.add_argument("--profile-runs", type=int, default=10, help="profiled decode steps per folder (after a warm-up)")
     ap.add_argument("--bandwidth-gib", type=float, default=1.0, help="GiB read to measure the bandwidth")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
-    folders = [Path(f) for f in args.folder]
+    folders = [Path(f) for f in args.folders]
     for f in folders:
         if not (f / "decode.onnx").is_file():
-            ap.error(f"{f} has no decode.onnx: pass an export folder (pgexport onnx --out DIR)")
+            ap.error(f"{f} has no decode.onnx: pass export folders (pgexport onnx --out DIR)")
+    if len({f.name for f in folders}) != len(folders):
+        ap.error("folders must have different names (they label the results)")
 
-    progress(f"read bandwidth, {args.threads} thread(s) ...")
+    progress(f"read bandwidth over {args.bandwidth_gib} GiB ...")
     bandwidth = read_bandwidth(args.bandwidth_gib)
     progress(f"  {bandwidth / 1e9:.1f} GB/s")
-    result = {"threads": args.threads, "past": args.past, "read_bandwidth_gbs": bandwidth / 1e9, "folders": {}}
     progress("timing (interleaved) ...")
     sessions = {f.name: session(f, args.threads) for f in folders}
     feeds = {name: decode_feeds(s, args.past) for name, s in sessions.items()}
-    # the calls return None: `interleaved` keeps each call's result, and keeping every output would
-    # make each call fault in fresh pages for its own
-    timed = interleaved({name: (lambda s=s, x=feeds[name]: s.run(None, x) and None) for name, s in sessions.items()},
-                        repeats=args.repeats, warmup=3, verbose=False)
+    timed = interleaved({name: (lambda s=s, x=feeds[name]: s.run(None, x)) for name, s in sessions.items()},
+                        repeats=args.repeats, warmup=3, verbose=False, keep_results=False)
     del sessions
+    result = {"threads": args.threads, "past": args.past, "bandwidth_gib": args.bandwidth_gib,
+              "read_bandwidth_gbs": bandwidth / 1e9, "profile_runs": args.profile_runs, "folders": {}}
     for f in folders:
         progress(f"profiling {f.name} ...")
-        result["folders"][f.name] = {"path": str(f), "ops": profile(f, args.threads, args.past, runs=10)}
-    for name, m in timed.items():
-        st = m.stats
-        r = result["folders"][name]
-        weights = {op: row for op, row in r["ops"].items() if row["bytes"]}
-        r["decode_ms"] = st.median * 1e3
-        r["decode"] = st
-        r["bytes_per_token"] = sum(row["bytes"] for row in weights.values())
-        r["weight_op_ms"] = sum(row["ms"] for row in weights.values())
-        r["kernel_ms"] = sum(row["ms"] for row in r["ops"].values())
-        r["roofline_ms"] = r["bytes_per_token"] / bandwidth * 1e3
-        progress(f"  {name}: {r['decode_ms']:.2f} ms/token, {r['bytes_per_token'] / 1e6:.0f} MB/token, "
-                 f"roofline {r['roofline_ms']:.2f} ms")
-    info = machine_info(["onnxruntime", "numpy"])
-    result["machine"] = info
-    paths = write_results(args.out, result, markdown(result, " ".join(["python benchmarks/bench_decode_roofline.py"]
-                                                                      + (argv if argv is not None else sys.argv[1:]))))
+        ops = profile(f, args.threads, args.past, args.profile_runs)
+        stats = timed[f.name].stats
+        r = {"path": str(f), "decode": stats, **summarize(ops, stats.median * 1e3, bandwidth), "ops": ops}
+        result["folders"][f.name] = r
+        progress(f"  {f.name}: {r['decode_ms']:.2f} ms/token, {r['bytes_per_token'] / 1e6:.0f} MB/token, "
+                 f"roofline {r['roofline_ms']:.2f} ms, best case {r['best_case_ms']:.2f} ms")
+    result["machine"] = machine_info(["onnxruntime", "numpy"])
+    command = " ".join(["python benchmarks/bench_decode_roofline.py"] + list(argv if argv is not None else sys.argv[1:]))
+    paths = write_results(args.out, result, markdown(result, command))
     progress("wrote " + ", ".join(map(str, paths)))
-    return result
+    return 0
 
 
 def markdown(r: dict, command: str) -> str:
     bw = r["read_bandwidth_gbs"]
     names = list(r["folders"])
+
+    def gbs(nbytes, ms):
+        return f"{nbytes / ms / 1e6:.1f}" if nbytes and ms else "-"
+
     lines = ["# Batch-1 decode against the memory roofline", "", f"`{command}`", "",
              f"- one decode step after {r['past']} cached positions, {r['threads']} thread(s), CPU execution provider",
-             f"- read bandwidth on {r['threads']} thread(s): **{bw:.1f} GB/s** (float32 dot product over 1 GiB, best of 7)",
-             "- bytes per token: the inputs after the first of every weight-reading kernel, as ONNX Runtime's profiler "
-             "lists them (weights, scales, zero points; the KV cache for attention's MatMuls)",
-             "- roofline: bytes per token / read bandwidth, the fastest any kernel could decode", "",
-             markdown_table(["folder", "decode ms/token (wall)", "kernel ms", "weight-op ms", "MB read/token",
-                             "GB/s in weight ops", "roofline ms", "wall / roofline"],
+             f"- read bandwidth: **{bw:.1f} GB/s** (float32 dot product over {r['bandwidth_gib']} GiB, best of 7)",
+             "- MB read per token: the decode graph's weights (initializers of every kernel after its activation) "
+             "plus the KV cache attention's MatMuls read",
+             "- roofline: those bytes / the read bandwidth; best case: roofline + the other kernels' time "
+             "(weight kernels at the roofline)",
+             f"- wall: interleaved calls; kernel times: ONNX Runtime's profiler over {r['profile_runs']} later calls "
+             "in a session of their own (not interleaved: the two can differ by the machine's noise)", "",
+             markdown_table(["folder", "decode ms/token (wall)", "kernel ms", "weight-op ms", "other kernels ms",
+                             "MB read/token", "GB/s in weight ops", "roofline ms", "best case ms", "wall / roofline"],
                             [[n, fmt_stats_ms(f["decode"], 2), f"{f['kernel_ms']:.2f}", f"{f['weight_op_ms']:.2f}",
-                              f"{f['bytes_per_token'] / 1e6:.0f}",
-                              f"{f['bytes_per_token'] / f['weight_op_ms'] / 1e6:.1f}" if f["weight_op_ms"] else "-",
-                              f"{f['roofline_ms']:.2f}", f"{f['decode_ms'] / f['roofline_ms']:.2f}x"]
+                              f"{f['other_kernel_ms']:.2f}", f"{f['bytes_per_token'] / 1e6:.0f}",
+                              gbs(f["weight_bytes_per_token"], f["weight_op_ms"]), f"{f['roofline_ms']:.2f}",
+                              f"{f['best_case_ms']:.2f}",
+                              f"{f['decode_ms'] / f['roofline_ms']:.2f}x" if f["roofline_ms"] else "-"]
                              for n, f in r["folders"].items()])]
-    if len(names) > 1:
-        a, b = (r["folders"][n] for n in names[:2])
-        lines += ["", f"{names[0]} / {names[1]}: {a['decode_ms'] / b['decode_ms']:.3f}x measured; "
-                      f"{a['roofline_ms'] / b['decode_ms']:.3f}x if {names[0]} ran at the roofline and "
-                      f"{names[1]} as measured."]
+    for other in names[1:]:
+        a, b = r["folders"][names[0]], r["folders"][other]
+        lines += ["", f"{names[0]} / {other}: {a['decode_ms'] / b['decode_ms']:.3f}x measured (wall); "
+                      f"{a['best_case_ms'] / b['decode_ms']:.3f}x if {names[0]}'s weight kernels ran at the roofline "
+                      f"and {other} as measured."]
     for n, f in r["folders"].items():
         lines += ["", f"## {n}", "", markdown_table(
-            ["op type", "calls/token", "ms/token", "MB/token", "GB/s"],
-            [[op, row["calls"], f"{row['ms']:.3f}", f"{row['bytes'] / 1e6:.1f}" if row["bytes"] else "",
-              f"{row['bytes'] / row['ms'] / 1e6:.1f}" if row["bytes"] and row["ms"] else ""]
-             for op, row in f["ops"].items() if row["ms"] >= 0.05 or row["bytes"]])]
+            ["op type", "calls/token", "ms/token", "weight MB/token", "KV MB/token", "GB/s"],
+            [[op, f"{row['calls']:g}", f"{row['ms']:.3f}",
+              f"{row['weight_bytes'] / 1e6:.1f}" if row["weight_bytes"] else "",
+              f"{row['kv_bytes'] / 1e6:.2f}" if row["kv_bytes"] else "",
+              gbs(row["weight_bytes"] + row["kv_bytes"], row["ms"]) if row["weight_bytes"] + row["kv_bytes"] else ""]
+             for op, row in f["ops"].items() if row["ms"] >= 0.05 or row["weight_bytes"] or row["kv_bytes"]])]
     lines += ["", machine_markdown(r["machine"])]
     return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -19,21 +19,16 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import set_omp_wait_policy  # noqa: E402
-
-if __name__ == "__main__":
-    set_omp_wait_policy(sys.argv[1:])
 
 import numpy as np  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     Stats,
     fmt_stats_ms,
+    interleaved,
     machine_info,
     machine_markdown,
     markdown_table,
@@ -45,34 +40,16 @@ RESULTS = Path(__file__).parent / "results" / "pair"  # .json and .md
 PARTS = ("vision", "prefill", "decode")
 
 
-def one_pass(rt, batch, new_tokens: int) -> dict[str, float]:
-    """Seconds for the vision encoder, the prefill and the median decode step of one pass."""
-    px = batch["pixel_values"]
-    t = time.perf_counter()
-    rt.encode_image(px)
-    vision = time.perf_counter() - t
-    stepper = rt.stepper()
-    t = time.perf_counter()
-    logits = stepper.prefill(batch["input_ids"], batch["attention_mask"], px, new_tokens)
-    prefill = time.perf_counter() - t
-    steps = []
-    for _ in range(new_tokens - 1):
-        token = np.asarray(logits).argmax(-1).astype(np.int64)  # [1]
-        t = time.perf_counter()
-        logits = stepper.decode(token)
-        steps.append(time.perf_counter() - t)
-    return {"vision": vision, "prefill": prefill, "decode": float(np.median(steps))}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folders", nargs="+", help="export folders (the first is compared with each other one)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--passes", type=int, default=15, help="timed passes per folder, after one warm-up pass each")
     ap.add_argument("--new-tokens", type=int, default=8, help="tokens per pass: the first from prefill, the others decoded")
-    ap.add_argument("--omp-wait-policy", default=None, choices=["passive", "active", "default"])
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
+    if args.passes < 1 or args.new_tokens < 2:
+        ap.error("--passes must be >= 1 and --new-tokens >= 2 (one prefill token, then decode steps)")
     folders = [Path(f) for f in args.folders]
     for f in folders:
         if not (f / "pgexport.json").is_file():
@@ -81,6 +58,7 @@ def main(argv=None) -> int:
         ap.error("folders must have different names (they label the results)")
 
     from pgexport.bench import _inputs
+    from pgexport.bench_worker import timed_pass
     from pgexport.processor import PaliGemmaProcessor
     from pgexport.runtime import OnnxPaliGemma
 
@@ -95,15 +73,14 @@ def main(argv=None) -> int:
         batch = processor(images=[x["image"]], prompts=[x["prompt"]])
     prompt_tokens = int(batch["input_ids"].shape[1])
 
-    times = {n: [] for n in names}
-    for r in range(args.passes + 1):  # pass 0 is the warm-up
-        order = names[r % len(names):] + names[:r % len(names)]
-        for n in order:
-            got = one_pass(runtimes[n], batch, args.new_tokens)
-            if r:
-                times[n].append(got)
-        progress(f"pass {r + 1}/{args.passes + 1}" + (" (warm-up)" if r == 0 else "") + ": "
-                 + ", ".join(f"{n} prefill {times[n][-1]['prefill'] * 1e3:.0f} ms" for n in names if r))
+    def one_pass(rt) -> dict[str, float]:  # greedy; the logits are dropped, only the times kept
+        vision, prefill, steps, _ = timed_pass(rt.encode_image, rt.stepper, batch, args.new_tokens)
+        return {"vision": vision, "prefill": prefill, "decode": float(np.median(steps))}
+
+    progress(f"{args.passes} passes after a warm-up, interleaved ...")
+    timed = interleaved({n: (lambda rt=rt: one_pass(rt)) for n, rt in runtimes.items()}, repeats=args.passes,
+                        warmup=1, verbose=False)
+    times = {n: [run.result for run in m.runs] for n, m in timed.items()}
     for rt in runtimes.values():
         rt.close()
 

@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pgexport.exporters.quant_eval import DEMO_EVAL_IMAGES, DEMO_EVAL_SEED
 from pgexport.measure import write_results
 
 RESULTS = Path(__file__).parent / "results" / "quant_demo"  # .json and .md
-TEST_SEED = 1234
 
 
 def variants():
@@ -54,12 +54,21 @@ def variants():
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model folder (default: pgexport/assets/demo)")
-    ap.add_argument("--images", type=int, default=500,
-                    help="test images (4-5 examples each; the gates of tests/test_quantize.py use 500)")
+    ap.add_argument("--images", type=int, default=DEMO_EVAL_IMAGES,
+                    help=f"test images (4-5 examples each; default {DEMO_EVAL_IMAGES}, as the gates of tests/test_quantize.py)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
+    ap.add_argument("--batch-sizes", default="64",
+                    help="comma-separated batch sizes for the task accuracy (the first fills the main table; dynamic "
+                         "int8's activation scales span the whole batch, so its results depend on it)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        batch_sizes = []
+    if not batch_sizes or min(batch_sizes) < 1:
+        ap.error(f"--batch-sizes {args.batch_sizes!r}: give positive integers, e.g. 64,8,1")
     torch.set_num_threads(args.threads)
 
     import pgexport
@@ -75,9 +84,9 @@ def main(argv=None) -> int:
 
     model_dir = Path(args.model or DEMO_DIR)
     work = Path(tempfile.mkdtemp(prefix="eval-quant-"))
-    summary = {"model": str(model_dir), "test_seed": TEST_SEED, "images": args.images, "variants": {}}
+    summary = {"model": str(model_dir), "test_seed": DEMO_EVAL_SEED, "images": args.images, "variants": {}}
     try:
-        write_dataset(work / "data", seed=TEST_SEED, train=0, val=0, test=args.images)
+        write_dataset(work / "data", seed=DEMO_EVAL_SEED, train=0, val=0, test=args.images)
         records = read_jsonl(work / "data" / "test.jsonl")
         summary["examples"] = len(records)
         summary["answers"] = sum(r.task != "detect" for r in records)  # exact-match examples
@@ -119,10 +128,12 @@ def main(argv=None) -> int:
                 act += ra
             quality = logit_quality(ref_l, got_l, act)
             quality["disagreements"] = disagreements(ref_l, got_l, act, processor)
-            task = task_accuracy(rt, records)
+            by_batch = {b: task_accuracy(rt, records, batch_size=b) for b in batch_sizes}
+            task = by_batch[batch_sizes[0]]
             rt.close()
             entry = {"bytes": folder_model_bytes(folder), "size_ratio": round(folder_model_bytes(folder) / fp32_bytes, 4),
-                     "task": task, "teacher_forced": quality,
+                     "task": task, "task_batch_size": batch_sizes[0], "task_by_batch_size": by_batch,
+                     "teacher_forced": quality,
                      "sample_report": {"passed": report["passed"], "failures": report["failures"],
                                        "quality": report["quality"]},
                      "seconds": round(time.time() - t, 1)}
@@ -176,6 +187,16 @@ def markdown(summary: dict) -> str:
                      f"{100 * (eager['detect_iou'] - t['detect_iou']):+.2f} | {q['top1_agreement']:.4f} | "
                      f"{d['count']} ({d['loc_tokens']}: {d['loc_bins_median']} / {d['loc_bins_max']}) | "
                      f"{q['mean_kl']:.2e} | {q['mean_cosine']:.5f} |")
+    by_batch = {n: v["task_by_batch_size"] for n, v in summary["variants"].items() if len(v.get("task_by_batch_size", {})) > 1}
+    if by_batch:
+        lines += ["", "Loss against eager fp32 (batch 64) by the batch size the export ran at, in points "
+                      "(exact match / detection IoU):", "",
+                  "| variant | " + " | ".join(f"batch {b}" for b in next(iter(by_batch.values()))) + " |",
+                  "|---|" + "---|" * len(next(iter(by_batch.values())))]
+        for name, tasks in by_batch.items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{100 * (eager['exact_match'] - t['exact_match']):+.2f} / {100 * (eager['detect_iou'] - t['detect_iou']):+.2f}"
+                for t in tasks.values()) + " |")
     return "\n".join(lines)
 
 

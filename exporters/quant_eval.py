@@ -12,6 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
+# The demo-model gates' test set (tests/test_quantize.py, benchmarks/eval_quant_demo.py): the
+# shapes dataset of this seed, as many images. Its first 100 are the demo's held-out set
+# (examples/train_demo.py); 500 give 1941 exact-match answers, so one flipped answer is 0.05
+# points (on 100 images it is 0.26, and a 0.5-point gate is two answers).
+DEMO_EVAL_SEED = 1234
+DEMO_EVAL_IMAGES = 500
+
 
 def task_accuracy(rt, records, batch_size: int = 64, max_new_tokens: int = 40) -> dict:
     """Greedy outputs of `rt` (anything with `generate(images, prompts, max_new_tokens)`, e.g.

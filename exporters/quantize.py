@@ -32,10 +32,11 @@ What is quantized, in all three graphs (numpy only, no torch, no onnxruntime):
   the data file. `head_bits=8` keeps that table at 8 bits when 4 bits cost the head accuracy.
 
 The SigLIP patch-embedding convolution (not a MatMul) gets int8 weights with one scale per output
-channel, read through `DequantizeLinear` (whatever the bits of the rest). Left in float32
-(recorded in the manifest): the position embedding, norm weights, biases, and any matrix an op
-other than those above reads (e.g. a fused `com.microsoft.Attention`: quantized exports are
-traced without ONNX Runtime fusions).
+channel, read through `DequantizeLinear` (whatever the bits of the rest). A MatMul whose only
+consumer adds a bias vector takes that bias as the quantized op's `bias` input (the Add goes).
+Left in float32 (recorded in the manifest): the position embedding, norm weights, biases, and any
+matrix an op other than those above reads (e.g. a fused `com.microsoft.Attention`: quantized
+exports are traced without ONNX Runtime fusions).
 prefill.onnx and decode.onnx still share `decoder.onnx.data`: quantized tensors are computed
 once per source tensor and written once (content hash, as the exporter does); every tensor
 starts on a 64-byte boundary.
@@ -73,13 +74,16 @@ TARGETS = ("cpu", "cuda")
 # - block 128 for int4 and int8. int4 at 128 rather than 32: at the 3B geometry it decodes at 0.86x
 #   onnxruntime-genai's int4 build (benchmarks/results/quant_baselines.md; block 32: 0.93x in an
 #   earlier run), and side by side it decodes in 0.83x and prefills in 0.74x block 32's time, 16%
-#   smaller; on the trained demo model it keeps the int4 gates (against fp32: teacher-forced top-1
-#   96.8%, exact match 0.8 and IoU 1.6 points lost; block 32: 97.7%, 0.5, 1.4;
-#   benchmarks/results/quant_demo.md). int8: 99.5% top-1 with DynamicQuantizeMatMul, 99.6% MatMulNBits;
+#   smaller; on the trained demo model it keeps the int4 gates (against fp32, 500 test images:
+#   teacher-forced top-1 96.8%, exact match 0.4 and IoU 0.9 points lost; block 32: 97.6%, 0.2,
+#   0.9; benchmarks/results/quant_demo.md). int8: 99.3% top-1 with DynamicQuantizeMatMul, 99.6%
+#   MatMulNBits;
 DEFAULT_BLOCK_SIZE = {4: 128, 8: 128}
 # - int4 asymmetric, for 1/32 bit per weight more at block 128: on the demo model symmetric agrees
-#   slightly more often on top-1 (97.4% vs 96.8%) but loses 3.3 points of IoU (gate 2; asymmetric
-#   1.6): the zero point keeps the box coordinates; int8 symmetric;
+#   more often on top-1 (97.3% vs 96.8%) and loses less exact match (0.2 vs 0.4 points) but more
+#   IoU (1.4 vs 0.9 points of a 2-point gate): detection, the task nearest its gate, decides (the
+#   zero point keeps the box coordinates); int8 symmetric (DynamicQuantizeMatMul with zero points
+#   runs 2.2x slower over 260 rows, benchmarks/results/matmul_kernels.md);
 DEFAULT_SYMMETRIC = {4: False, 8: True}
 # - int8 on CPU: DynamicQuantizeMatMul (fastest); on CUDA: MatMulNBits (the CUDA provider runs
 #   the dynamic-quantization ops on the CPU);
@@ -450,12 +454,16 @@ class _GraphQuantizer:
             kinds = [self._table_use(n, name) for n in nodes]
             if all(kinds) and nodes:
                 tables[name] = kinds
+        bias_adds = self._bias_adds(graph, inits)  # MatMul name -> the Add of its bias
+        folded = {id(a) for a, _ in bias_adds.values()}
         new_nodes = []
         for node in graph.node:
             out = None
+            if id(node) in folded:
+                continue  # its bias is an input of the quantized node that replaced its MatMul
             if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and is_float_matrix(node.input[1]) \
                     and node.input[0] not in inits and len(uses[node.input[1]]) == 1:
-                out = self._matmul(node, inits[node.input[1]], add)
+                out = self._matmul(node, inits[node.input[1]], add, bias_adds.get(node.name))
             elif any(i in tables for i in node.input):
                 name = next(i for i in node.input if i in tables)
                 out = self._table_node(node, inits[name], add)
@@ -531,18 +539,54 @@ class _GraphQuantizer:
             return "head"
         return None
 
-    def _matmul(self, node, tensor, add):
+    @staticmethod
+    def _bias_adds(graph, inits) -> dict:
+        """MatMul name -> (Add node, bias name) where the MatMul's only consumer adds a float
+        vector of its output width (SigLIP's and the projector's biases). Both quantized ops take
+        that bias as an input; left as an Add, it costs a pass over the output, and ONNX Runtime
+        then fuses it into the tanh-Gelu that follows fc1 (FastGelu), which ran slower here than
+        the plain Gelu (int8 vision encoder, 3B geometry: 4.8% slower than quantize_dynamic's
+        graph, whose bias ONNX Runtime folds into MatMulIntegerToFloat)."""
+        import onnx
+
+        consumers: dict[str, list] = {}
+        for node in graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+        outputs = {o.name for o in graph.output}
+        found = {}
+        for node in graph.node:
+            if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or node.input[1] not in inits:
+                continue
+            y = node.output[0]
+            users = consumers.get(y, [])
+            if y in outputs or len(users) != 1 or users[0].op_type != "Add" or users[0].domain not in ("", "ai.onnx"):
+                continue
+            add_node = users[0]
+            other = add_node.input[1] if add_node.input[0] == y else add_node.input[0]
+            bias, w = inits.get(other), inits[node.input[1]]
+            if bias is not None and bias.data_type == onnx.TensorProto.FLOAT and list(bias.dims) == [w.dims[-1]]:
+                found[node.name] = (add_node, other)
+        return found
+
+    def _matmul(self, node, tensor, add, bias_add=None):
+        """The quantized node for MatMul `node` (weight `tensor` [K, N]); with `bias_add` (Add node,
+        bias name) it also adds the bias and writes the Add's output."""
         from onnx import helper
 
         k, n = (int(d) for d in tensor.dims)
         o = self.o
+        outputs, bias = (list(node.output), None) if bias_add is None else (list(bias_add[0].output), bias_add[1])
+        if bias is not None:
+            self._note("a linear layer's bias (float32) is an input of its quantized op, not a separate Add")
         if o.bits == 8 and o.int8_format == "dynamic":
             q, scale, zp = self._int8_columns(tensor)
             inputs = [node.input[0], add(f"{tensor.name}.int8", q), add(f"{tensor.name}.scale", scale)]
-            if zp is not None:
-                inputs.append(add(f"{tensor.name}.zero_point", zp))
+            inputs.append(add(f"{tensor.name}.zero_point", zp) if zp is not None else "")
+            if bias is not None:
+                inputs.append(bias)
             self._count("DynamicQuantizeMatMul")
-            return helper.make_node("DynamicQuantizeMatMul", inputs, list(node.output), name=f"{node.name}_int8",
+            return helper.make_node("DynamicQuantizeMatMul", _trim(inputs), outputs, name=f"{node.name}_int8",
                                     domain=MS_DOMAIN)
         block = linear_block_size(o.block_size, k)
         if block != o.block_size:
@@ -550,17 +594,17 @@ class _GraphQuantizer:
                        f">= their K, e.g. {block} for K {k}) instead of a {o.block_size}-block padded with zeros")
         w = self._nbits(tensor, o.bits, block, transpose=True)
         self._count(f"MatMulNBits{o.bits}")
-        return self._nbits_node(node.input[0], node.output, node.name, tensor.name, w, add, k, n)
+        return self._nbits_node(node.input[0], outputs, node.name, tensor.name, w, add, k, n, bias=bias)
 
     def _nbits_node(self, a: str, outputs, node_name: str, base: str, w: NBitsWeight, add, k: int, n: int,
-                    b_name: str | None = None):
+                    b_name: str | None = None, bias: str | None = None):
         from onnx import helper
 
         tag = f"q{w.bits}"
-        inputs = [a, add(b_name or f"{base}.{tag}", w.b), add(f"{base}.{tag}.scales", w.scales)]
-        if w.zero_points is not None:
-            inputs.append(add(f"{base}.{tag}.zero_points", w.zero_points))
-        return helper.make_node("MatMulNBits", inputs, list(outputs), name=f"{node_name}_nbits", domain=MS_DOMAIN,
+        inputs = [a, add(b_name or f"{base}.{tag}", w.b), add(f"{base}.{tag}.scales", w.scales),
+                  add(f"{base}.{tag}.zero_points", w.zero_points) if w.zero_points is not None else "",
+                  "", bias or ""]  # g_idx (unused), bias
+        return helper.make_node("MatMulNBits", _trim(inputs), list(outputs), name=f"{node_name}_nbits", domain=MS_DOMAIN,
                                 K=k, N=n, bits=w.bits, block_size=w.block_size, accuracy_level=self.o.accuracy_level)
 
     def table_block_size(self, hidden: int) -> int | None:
@@ -599,6 +643,13 @@ class _GraphQuantizer:
         self._count(f"GatherBlockQuantized{bits}")
         return helper.make_node("GatherBlockQuantized", inputs, list(node.output), name=f"{node.name}_q{bits}",
                                 domain=MS_DOMAIN, bits=bits, block_size=block, gather_axis=0, quantize_axis=1)
+
+
+def _trim(inputs: list[str]) -> list[str]:
+    """Node inputs without the trailing empty names of optional inputs left out."""
+    while inputs and not inputs[-1]:
+        inputs.pop()
+    return inputs
 
 
 def _externalize(proto, reader: _Reader, writer: _DataWriter) -> None:
@@ -747,7 +798,7 @@ def describe(options: QuantOptions, quantizers: list[_GraphQuantizer]) -> dict:
         "nodes": dict(sorted(counts.items())),
         "unquantized": {
             "float_matrices": dict(sorted(unquantized.items())),
-            "also": "norm weights, biases and other 1-D tensors stay float32",
+            "also": "norm weights, biases and other 1-D tensors stay float32 (biases as inputs of the quantized ops)",
         },
         "notes": notes,
     }

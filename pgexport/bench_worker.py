@@ -78,6 +78,31 @@ def _load(spec: dict) -> tuple[Any, Any, Any, dict]:
     return (lambda: EagerStepper(model)), encode, Runner(), info
 
 
+def timed_pass(encode, new_stepper, batch: dict, n_new: int, fed=None) -> tuple[float, float, list[float], list]:
+    """One batch-1 pass: (vision s, prefill s, [s per decode step], [logits [V] per token]).
+
+    The vision encoder is timed alone, then prefill (vision included, up to the first token's
+    logits) and `n_new - 1` decode steps fed `fed[s]` (teacher forcing) or, without `fed`, the
+    argmax of the previous logits."""
+    px = batch["pixel_values"]
+    t = time.perf_counter()
+    encode(px)  # synchronizes on CUDA (the steppers return numpy, which waits too)
+    vision = time.perf_counter() - t
+    stepper = new_stepper()
+    t = time.perf_counter()
+    logits = stepper.prefill(batch["input_ids"], batch["attention_mask"], px, n_new)
+    prefill = time.perf_counter() - t
+    seq_logits = [np.asarray(logits, np.float32)[0]]
+    steps = []
+    for s in range(n_new - 1):
+        token = fed[s] if fed is not None else int(seq_logits[-1].argmax())
+        t = time.perf_counter()
+        logits = stepper.decode(np.array([token], np.int64))
+        steps.append(time.perf_counter() - t)
+        seq_logits.append(np.asarray(logits, np.float32)[0])
+    return vision, prefill, steps, seq_logits
+
+
 def run(spec: dict) -> dict:
     """Measure one backend; returns the JSON-able result (see `pgexport.bench` for the schema)."""
     from .processor import PaliGemmaProcessor
@@ -107,22 +132,8 @@ def run(spec: dict) -> dict:
     logits_all: list[np.ndarray] = []
     for rep in range(spec["repeats"] + 1):  # pass 0 is the warm-up
         for i, b in enumerate(batches):
-            px = b["pixel_values"]
-            t = time.perf_counter()
-            encode(px)  # synchronizes on CUDA (the steppers return numpy, which waits too)
-            v = time.perf_counter() - t
-            stepper = new_stepper()
-            t = time.perf_counter()
-            logits = stepper.prefill(b["input_ids"], b["attention_mask"], px, n_new)
-            p = time.perf_counter() - t
-            seq_logits = [np.asarray(logits, np.float32)[0]]
-            steps = []
-            for s in range(n_new - 1):
-                fed = ref_tokens[i, s] if ref_tokens is not None else int(seq_logits[-1].argmax())
-                t = time.perf_counter()
-                logits = stepper.decode(np.array([fed], np.int64))
-                steps.append(time.perf_counter() - t)
-                seq_logits.append(np.asarray(logits, np.float32)[0])
+            v, p, steps, seq_logits = timed_pass(encode, new_stepper, b, n_new,
+                                                 ref_tokens[i] if ref_tokens is not None else None)
             if rep == 0:
                 seq = np.stack(seq_logits)  # [n_new, V]
                 if ref_tokens is None:  # the reference itself: its greedy tokens (what it was fed)

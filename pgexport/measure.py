@@ -209,26 +209,35 @@ def interleaved(
     warmup: int = 1,
     label: str = "",
     verbose: bool = True,
+    keep_results: bool = True,
 ) -> dict[str, Measurement]:
     """Time each candidate `repeats` times, interleaved, after `warmup` untimed calls each.
 
     Repeat r runs the candidates in an order rotated by r, so that neither always goes first
-    (caches, turbo states and the neighbours' load then affect both alike). Every call's result is
-    kept (`Run.result`): let calls with large outputs return None, or each call pays for faulting
-    in fresh pages (17 MB outputs added ~10 ms to a 25 ms ONNX Runtime call).
+    (caches, turbo states and the neighbours' load then affect both alike). Each call's result is
+    kept in `Run.result` unless `keep_results=False`: keeping large outputs makes every later call
+    fault in fresh pages for its own (benchmarks/bench_matmul_kernels.py: 17 MB outputs kept
+    turned a 25 ms ONNX Runtime call into 34 ms).
     """
     names = list(candidates)
     out = {n: Measurement(n, [], []) for n in names}
+
+    def call(n: str) -> Run:
+        run = timed_call(candidates[n])
+        if not keep_results:
+            run.result = None
+        return run
+
     for w in range(warmup):
         for n in names:
-            run = timed_call(candidates[n])
+            run = call(n)
             out[n].warmup.append(run)
             if verbose:
                 progress(f"{label} warm-up {w + 1}/{warmup} {n}: {run.seconds * 1e3:.1f} ms")
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)]
         for n in order:
-            run = timed_call(candidates[n])
+            run = call(n)
             out[n].runs.append(run)
             if verbose:
                 progress(f"{label} repeat {r + 1}/{repeats} {n}: {run.seconds * 1e3:.1f} ms (cpu {run.cpu_seconds / run.seconds:.2f}x wall)")

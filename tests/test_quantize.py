@@ -352,6 +352,17 @@ def test_quantized_graph_structure(quant_export):
             assert attrs["block_size"] == linear_block_size(DEFAULT_BLOCK_SIZE[4], attrs["K"]), (n.name, attrs)
         if bits == 4 and graph == "vision_encoder.onnx":  # SigLIP 64 wide: one 64-block per row, not a padded 128
             assert {a.i for n in linear for a in n.attribute if a.name == "block_size"} == {64, 128}
+        # biases: SigLIP's and the projector's are the quantized ops' bias input (DynamicQuantizeMatMul's 5th,
+        # MatMulNBits' 6th), float32 of the layer's width; no Add reads a quantized op's output and a bias
+        bias_at = 4 if linear_op == "DynamicQuantizeMatMul" else 5
+        with_bias = [n for n in linear if len(n.input) > bias_at and n.input[bias_at]]
+        assert len(with_bias) == (len(linear) if graph == "vision_encoder.onnx" else 0), (graph, len(with_bias))
+        for n in with_bias:
+            bias = inits[n.input[bias_at]]
+            assert bias.data_type == onnx.TensorProto.FLOAT and len(bias.dims) == 1, n.name
+        outputs = {o for n in linear for o in n.output}
+        assert not [n for n in proto.graph.node if n.op_type == "Add" and set(n.input) & outputs
+                    and any(i in inits and len(inits[i].dims) == 1 for i in n.input)]
         assert not [n for n in proto.graph.node if n.op_type in ("Gemm", "Gather") and table in n.input]
         for t in inits.values():  # no float copy of the table or of a linear weight is left
             assert not (t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and not t.name.endswith(".scales")
@@ -477,25 +488,24 @@ def test_failed_quantization_leaves_the_folder_as_it_was(fp32_export, tmp_path, 
 # ----------------------------------------------------------------------------- the trained demo model
 # Gates on the trained demo model (pgexport/assets/demo, if present): task accuracy lost against the
 # eager fp32 model (exact match of the caption / question tasks and detection IoU, in points), and
-# teacher-forced top-1 agreement with fp32 over every gold answer token. Measured on 500 test images
-# (seed 1234; the first 100 are the held-out set examples/train_demo.py reports): 1941 answers and
-# 500 boxes, so one flipped answer moves exact match by 0.05 points. On the 100-image set one answer
-# is 0.26 points and a 0.5-point gate is two answers: the int8 default lost 0.52 points there
-# (2 of 385), 0.15 on these 500 images and 0.16 on 2000 (benchmarks/eval_quant_demo.py).
+# teacher-forced top-1 agreement with fp32 over every gold answer token, on the 500-image test set
+# of exporters/quant_eval.py (DEMO_EVAL_*; why 500: there). The int8 default lost 0.52 points of
+# exact match on the first 100 images alone (2 of 385 answers), 0.15 on the 500 and 0.16 on 2000
+# (benchmarks/results/quant_demo.md, quant_demo_2000.md).
 DEMO_GATES = {"int8": {"max_loss": 0.005, "min_top1": 0.99}, "int4": {"max_loss": 0.02, "min_top1": 0.95}}
-DEMO_GATE_IMAGES = 500
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     from pgexport.dataset import read_jsonl, write_dataset
     from pgexport.demo import DEMO_DIR
+    from pgexport.exporters.quant_eval import DEMO_EVAL_IMAGES, DEMO_EVAL_SEED
     from pgexport.finetune import evaluate
 
     if not (DEMO_DIR / "config.json").is_file():
         pytest.skip("the demo model is not built (python examples/train_demo.py)")
     data = tmp_path_factory.mktemp("demo-test")
-    write_dataset(data, seed=1234, train=0, val=0, test=DEMO_GATE_IMAGES)
+    write_dataset(data, seed=DEMO_EVAL_SEED, train=0, val=0, test=DEMO_EVAL_IMAGES)
     records = read_jsonl(data / "test.jsonl")
     model = pgexport.load_model(str(DEMO_DIR), dtype="float32")
     processor = pgexport.load_processor(str(DEMO_DIR))
