@@ -10,9 +10,9 @@ script
 
 * times one decode step after a prompt of --past tokens (random KV cache), wall clock, the
   folders' sessions interleaved call by call;
-* then profiles the same step in a second session per folder with ONNX Runtime's profiler (not
-  interleaved, so its kernel times and the wall times can differ by the machine's noise):
-  kernel time per op type; the bytes each kernel reads besides its activation: the decode graph's
+* then profiles the same step in a second session per folder with ONNX Runtime's profiler, the
+  folders' steps interleaved again (the kernel times and the wall times come from different calls
+  and can differ by the machine's noise): kernel time per op type; the bytes each kernel reads besides its activation: the decode graph's
   initializers for weight ops (prepacked weights show up empty in the profile, so their size is
   taken from the graph by node name; ONNX Runtime keeps that name when it fuses, e.g.
   MatMulInteger -> MatMulIntegerToFloat), and the KV cache for attention's MatMuls;
@@ -124,19 +124,26 @@ def weight_bytes(folder: Path) -> dict[str, int]:
     return {n.name: sum(init.get(i, 0) for i in n.input[1:]) for n in graph.node}
 
 
-def profile(folder: Path, threads: int, past: int, runs: int) -> dict:
-    """Per op type: kernel ms per token, calls per token, weight bytes and KV bytes per token."""
-    graph_bytes = weight_bytes(folder)
+def profile(folders: list[Path], threads: int, past: int, runs: int) -> dict[str, dict]:
+    """Folder name -> per op type: kernel ms, calls, weight bytes and KV bytes per token. One
+    profiled session per folder, their decode steps interleaved (a warm-up step each first)."""
     with tempfile.TemporaryDirectory() as tmp:
-        s = session(folder, threads, str(Path(tmp) / "p"))
-        feeds = decode_feeds(s, past)
+        sessions = {f.name: session(f, threads, str(Path(tmp) / f"p{i}")) for i, f in enumerate(folders)}
+        feeds = {name: decode_feeds(s, past) for name, s in sessions.items()}
         for _ in range(runs + 1):  # the first is a warm-up, left out below
-            s.run(None, feeds)
-        events = json.loads(Path(s.end_profiling()).read_text())
+            for name, s in sessions.items():
+                s.run(None, feeds[name])
+        events = {name: json.loads(Path(s.end_profiling()).read_text()) for name, s in sessions.items()}
+    return {f.name: op_table(events[f.name], weight_bytes(f), runs) for f in folders}
+
+
+def op_table(events: list[dict], graph_bytes: dict[str, int], runs: int) -> dict:
+    """One session's profile events -> per op type, averaged over the `runs` steps after the first."""
     run_starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
     if len(run_starts) != runs + 1:
         raise RuntimeError(f"expected {runs + 1} model_run events in the profile, found {len(run_starts)}")
     per_op = defaultdict(lambda: {"ms": 0.0, "calls": 0.0, "weight_bytes": 0.0, "kv_bytes": 0.0})
+    largest = {"bytes": 0}  # the node reading the most weight bytes (the LM head), on its own
     for e in events:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < run_starts[1]:
             continue
@@ -145,13 +152,18 @@ def profile(folder: Path, threads: int, past: int, runs: int) -> dict:
         row["ms"] += e["dur"] / 1e3 / runs
         row["calls"] += 1  # divided by runs below (exact: no warm-up call counted)
         if op in MATMUL_OPS:
-            weights = graph_bytes.get(e["name"][:-len("_kernel_time")], 0)
+            node = e["name"][:-len("_kernel_time")]
+            weights = graph_bytes.get(node, 0)
             row["weight_bytes"] += weights / runs
+            if weights > largest["bytes"]:
+                largest = {"node": node, "op": op, "bytes": weights, "ms": 0.0}
+            if node == largest.get("node"):
+                largest["ms"] += e["dur"] / 1e3 / runs
             if not weights:
                 row["kv_bytes"] += listed_bytes(e["args"].get("input_type_shape", [])) / runs
     for row in per_op.values():
         row["calls"] /= runs
-    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]["ms"]))
+    return {"ops": dict(sorted(per_op.items(), key=lambda kv: -kv[1]["ms"])), "largest": largest}
 
 
 def summarize(ops: dict, decode_ms: float, bandwidth: float) -> dict:
@@ -194,11 +206,13 @@ def main(argv=None) -> int:
     del sessions
     result = {"threads": args.threads, "past": args.past, "bandwidth_gib": args.bandwidth_gib,
               "read_bandwidth_gbs": bandwidth / 1e9, "profile_runs": args.profile_runs, "folders": {}}
+    progress("profiling (interleaved) ...")
+    profiles = profile(folders, args.threads, args.past, args.profile_runs)
     for f in folders:
-        progress(f"profiling {f.name} ...")
-        ops = profile(f, args.threads, args.past, args.profile_runs)
+        ops, largest = profiles[f.name]["ops"], profiles[f.name]["largest"]
         stats = timed[f.name].stats
-        r = {"path": str(f), "decode": stats, **summarize(ops, stats.median * 1e3, bandwidth), "ops": ops}
+        r = {"path": str(f), "decode": stats, **summarize(ops, stats.median * 1e3, bandwidth), "ops": ops,
+             "largest_weight_node": largest}
         result["folders"][f.name] = r
         progress(f"  {f.name}: {r['decode_ms']:.2f} ms/token, {r['bytes_per_token'] / 1e6:.0f} MB/token, "
                  f"roofline {r['roofline_ms']:.2f} ms, best case {r['best_case_ms']:.2f} ms")
@@ -223,8 +237,8 @@ def markdown(r: dict, command: str) -> str:
              "plus the KV cache attention's MatMuls read",
              "- roofline: those bytes / the read bandwidth; best case: roofline + the other kernels' time "
              "(weight kernels at the roofline)",
-             f"- wall: interleaved calls; kernel times: ONNX Runtime's profiler over {r['profile_runs']} later calls "
-             "in a session of their own (not interleaved: the two can differ by the machine's noise)", "",
+             f"- wall: interleaved calls; kernel times: ONNX Runtime's profiler over {r['profile_runs']} later calls, "
+             "interleaved too, in sessions of their own (wall and kernel times come from different calls)", "",
              markdown_table(["folder", "decode ms/token (wall)", "kernel ms", "weight-op ms", "other kernels ms",
                              "MB read/token", "GB/s in weight ops", "roofline ms", "best case ms", "wall / roofline"],
                             [[n, fmt_stats_ms(f["decode"], 2), f"{f['kernel_ms']:.2f}", f"{f['weight_op_ms']:.2f}",
@@ -239,7 +253,9 @@ def markdown(r: dict, command: str) -> str:
                       f"{a['best_case_ms'] / b['decode_ms']:.3f}x if {names[0]}'s weight kernels ran at the roofline "
                       f"and {other} as measured."]
     for n, f in r["folders"].items():
-        lines += ["", f"## {n}", "", markdown_table(
+        big = f["largest_weight_node"]
+        lines += ["", f"## {n}", "", f"Largest weight kernel: `{big['node']}` ({big['op']}), {big['bytes'] / 1e6:.0f} MB "
+                  f"in {big['ms']:.2f} ms ({gbs(big['bytes'], big['ms'])} GB/s).", "", markdown_table(
             ["op type", "calls/token", "ms/token", "weight MB/token", "KV MB/token", "GB/s"],
             [[op, f"{row['calls']:g}", f"{row['ms']:.3f}",
               f"{row['weight_bytes'] / 1e6:.1f}" if row["weight_bytes"] else "",

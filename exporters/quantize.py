@@ -75,15 +75,16 @@ TARGETS = ("cpu", "cuda")
 #   onnxruntime-genai's int4 build (benchmarks/results/quant_baselines.md; block 32: 0.93x in an
 #   earlier run), and side by side it decodes in 0.83x and prefills in 0.74x block 32's time, 16%
 #   smaller; on the trained demo model it keeps the int4 gates (against fp32, 500 test images:
-#   teacher-forced top-1 96.8%, exact match 0.4 and IoU 0.9 points lost; block 32: 97.6%, 0.2,
-#   0.9; benchmarks/results/quant_demo.md). int8: 99.3% top-1 with DynamicQuantizeMatMul, 99.6%
+#   teacher-forced top-1 96.8%, exact match 0.4 and IoU 1.0 points lost; block 32: 97.6%, 0.2,
+#   0.8; benchmarks/results/quant_demo.md). int8: 99.3% top-1 with DynamicQuantizeMatMul, 99.6%
 #   MatMulNBits;
 DEFAULT_BLOCK_SIZE = {4: 128, 8: 128}
 # - int4 asymmetric, for 1/32 bit per weight more at block 128: on the demo model symmetric agrees
-#   more often on top-1 (97.3% vs 96.8%) and loses less exact match (0.2 vs 0.4 points) but more
-#   IoU (1.4 vs 0.9 points of a 2-point gate): detection, the task nearest its gate, decides (the
-#   zero point keeps the box coordinates); int8 symmetric (DynamicQuantizeMatMul with zero points
-#   runs 2.2x slower over 260 rows, benchmarks/results/matmul_kernels.md);
+#   a little more often on top-1 (97.1% vs 96.9% on 2000 test images) but loses more task accuracy
+#   (exact match 0.58 vs 0.23 points, IoU 0.70 vs 0.67; on 500 images IoU 1.36 vs 0.95;
+#   benchmarks/results/quant_demo_2000.md): the zero point keeps the box coordinates;
+#   int8 symmetric (DynamicQuantizeMatMul with zero points runs 2.1x slower over 260 rows and
+#   1.7x over one, benchmarks/results/matmul_kernels*.md);
 DEFAULT_SYMMETRIC = {4: False, 8: True}
 # - int8 on CPU: DynamicQuantizeMatMul (fastest); on CUDA: MatMulNBits (the CUDA provider runs
 #   the dynamic-quantization ops on the CPU);
