@@ -53,12 +53,11 @@ import numpy as np  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     fmt_stats_ms,
     interleaved,
-    machine_info,
     machine_markdown,
     markdown_table,
     progress,
     timed_call,
-    write_results,
+    write_report,
 )
 
 RESULTS = Path(__file__).parent / "results" / "decode_roofline"  # .json and .md
@@ -216,11 +215,7 @@ def main(argv=None) -> int:
         result["folders"][f.name] = r
         progress(f"  {f.name}: {r['decode_ms']:.2f} ms/token, {r['bytes_per_token'] / 1e6:.0f} MB/token, "
                  f"roofline {r['roofline_ms']:.2f} ms, best case {r['best_case_ms']:.2f} ms")
-    result["machine"] = machine_info(["onnxruntime", "numpy"])
-    command = " ".join(["python benchmarks/bench_decode_roofline.py"] + list(argv if argv is not None else sys.argv[1:]))
-    paths = write_results(args.out, result, markdown(result, command))
-    progress("wrote " + ", ".join(map(str, paths)))
-    return 0
+    return write_report(args.out, result, markdown, "bench_decode_roofline.py", argv)
 
 
 def markdown(r: dict, command: str) -> str:

@@ -26,11 +26,10 @@ import numpy as np  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     fmt_stats_ms,
     interleaved,
-    machine_info,
     machine_markdown,
     markdown_table,
     progress,
-    write_results,
+    write_report,
 )
 
 from pgexport.errors import PgExportError  # noqa: E402
@@ -110,11 +109,8 @@ def main(argv=None) -> int:
     rows = {name: {"options": chosen[name], "stats": m.stats, "vs_dynamic_sym": m.stats.median / base,
                    "max_rel_error": errors[name]} for name, m in timed.items()}
     result = {"rows": args.rows, "k": args.k, "n": args.n, "threads": args.threads, "repeats": args.repeats,
-              "variants": rows, "machine": machine_info(["onnxruntime", "numpy"])}
-    command = " ".join(["python benchmarks/bench_matmul_kernels.py"] + list(argv if argv is not None else sys.argv[1:]))
-    paths = write_results(args.out, result, markdown(result, command))
-    progress("wrote " + ", ".join(map(str, paths)))
-    return 0
+              "variants": rows}
+    return write_report(args.out, result, markdown, "bench_matmul_kernels.py", argv)
 
 
 def markdown(r: dict, command: str) -> str:

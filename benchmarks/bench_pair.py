@@ -29,11 +29,10 @@ from benchmarks.common import (  # noqa: E402
     Stats,
     fmt_stats_ms,
     interleaved,
-    machine_info,
     machine_markdown,
     markdown_table,
     progress,
-    write_results,
+    write_report,
 )
 
 RESULTS = Path(__file__).parent / "results" / "pair"  # .json and .md
@@ -92,11 +91,7 @@ def main(argv=None) -> int:
     for other in names[1:]:
         result["ratios"][f"{first} / {other}"] = {
             p: Stats.of(a[p] / b[p] for a, b in zip(times[first], times[other])) for p in PARTS}
-    result["machine"] = machine_info(["onnxruntime", "numpy"])
-    command = " ".join(["python benchmarks/bench_pair.py"] + list(argv if argv is not None else sys.argv[1:]))
-    paths = write_results(args.out, result, markdown(result, command))
-    progress("wrote " + ", ".join(map(str, paths)))
-    return 0
+    return write_report(args.out, result, markdown, "bench_pair.py", argv)
 
 
 def markdown(r: dict, command: str) -> str:

@@ -6,9 +6,26 @@ a torch profiler helper.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 from pgexport.measure import *  # noqa: F401,F403  (one copy of the measuring code)
+from pgexport.measure import machine_info, progress, write_results
+
+
+def write_report(out: str | Path, result: dict[str, Any], render: Callable[[dict, str], str], script: str,
+                 argv: Iterable[str] | None, packages: Iterable[str] = ("onnxruntime", "numpy")) -> int:
+    """A script's last step: add the machine to `result`, write `out`.json and `out`.md
+    (`render(result, command line)`), say where. Returns 0 (the exit status).
+
+        >>> write_report(args.out, result, markdown, "bench_pair.py", argv)  # doctest: +SKIP
+    """
+    result["machine"] = machine_info(list(packages))
+    command = " ".join([f"python benchmarks/{script}"] + list(argv if argv is not None else sys.argv[1:]))
+    paths = write_results(out, result, render(result, command))
+    progress("wrote " + ", ".join(map(str, paths)))
+    return 0
 
 
 def profile_table(fn: Callable[[], Any], row_limit: int = 20, sort_by: str = "self_cpu_time_total") -> tuple[str, list[dict[str, Any]]]:
