@@ -352,17 +352,21 @@ def test_quantized_graph_structure(quant_export):
             assert attrs["block_size"] == linear_block_size(DEFAULT_BLOCK_SIZE[4], attrs["K"]), (n.name, attrs)
         if bits == 4 and graph == "vision_encoder.onnx":  # SigLIP 64 wide: one 64-block per row, not a padded 128
             assert {a.i for n in linear for a in n.attribute if a.name == "block_size"} == {64, 128}
-        # biases: SigLIP's and the projector's are the quantized ops' bias input (DynamicQuantizeMatMul's 5th,
-        # MatMulNBits' 6th), float32 of the layer's width; no Add reads a quantized op's output and a bias
-        bias_at = 4 if linear_op == "DynamicQuantizeMatMul" else 5
-        with_bias = [n for n in linear if len(n.input) > bias_at and n.input[bias_at]]
-        assert len(with_bias) == (len(linear) if graph == "vision_encoder.onnx" else 0), (graph, len(with_bias))
-        for n in with_bias:
-            bias = inits[n.input[bias_at]]
-            assert bias.data_type == onnx.TensorProto.FLOAT and len(bias.dims) == 1, n.name
+        # biases: SigLIP's and the projector's are DynamicQuantizeMatMul's bias input (its 5th), float32 of
+        # the layer's width, with no Add after it; MatMulNBits keeps the Add (ONNX Runtime fuses that pair
+        # itself where the provider's kernel takes a bias)
         outputs = {o for n in linear for o in n.output}
-        assert not [n for n in proto.graph.node if n.op_type == "Add" and set(n.input) & outputs
-                    and any(i in inits and len(inits[i].dims) == 1 for i in n.input)]
+        bias_adds = [n for n in proto.graph.node if n.op_type == "Add" and set(n.input) & outputs
+                     and any(i in inits and len(inits[i].dims) == 1 for i in n.input)]
+        with_bias = [n for n in linear if len(n.input) > 4 and n.input[4]]
+        vision = graph == "vision_encoder.onnx"
+        if linear_op == "DynamicQuantizeMatMul":
+            assert len(with_bias) == (len(linear) if vision else 0) and not bias_adds, (graph, len(with_bias))
+            for n in with_bias:
+                bias = inits[n.input[4]]
+                assert bias.data_type == onnx.TensorProto.FLOAT and list(bias.dims) == [int(inits[n.input[1]].dims[1])]
+        else:
+            assert not with_bias and len(bias_adds) == (len(linear) if vision else 0), (graph, len(bias_adds))
         assert not [n for n in proto.graph.node if n.op_type in ("Gemm", "Gather") and table in n.input]
         for t in inits.values():  # no float copy of the table or of a linear weight is left
             assert not (t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and not t.name.endswith(".scales")
