@@ -110,12 +110,10 @@ def listed_bytes(shapes: list[dict]) -> int:
 def weight_bytes(folder: Path) -> dict[str, int]:
     """Node name -> bytes of its initializer inputs after the first, in decode.onnx."""
     import onnx
-    from onnx import TensorProto as T
 
-    sizes = {T.FLOAT: 4, T.FLOAT16: 2, T.BFLOAT16: 2, T.INT8: 1, T.UINT8: 1, T.INT32: 4, T.INT64: 8,
-             T.INT4: 0.5, T.UINT4: 0.5}
     graph = onnx.load(str(folder / "decode.onnx"), load_external_data=False).graph
-    init = {t.name: int(np.prod(t.dims, dtype=np.int64) * sizes.get(t.data_type, 4)) for t in graph.initializer}
+    init = {t.name: int(np.prod(t.dims, dtype=np.int64)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+            for t in graph.initializer}
     names = [n.name for n in graph.node]
     if "" in names or len(set(names)) != len(names):
         raise SystemExit(f"{folder / 'decode.onnx'} has unnamed or duplicate node names: its kernels cannot be "

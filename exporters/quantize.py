@@ -431,11 +431,10 @@ class _GraphQuantizer:
 
         graph = proto.graph
         inits = {t.name: t for t in graph.initializer}
-        uses: dict[str, list] = {}
+        uses: dict[str, list] = {}  # value name -> the nodes reading it
         for node in graph.node:
             for name in node.input:
-                if name in inits:
-                    uses.setdefault(name, []).append(node)
+                uses.setdefault(name, []).append(node)
         new_inits: dict[str, onnx.TensorProto] = {}
         replaced: set[str] = set()  # float initializers whose every use was quantized
 
@@ -456,20 +455,23 @@ class _GraphQuantizer:
             kinds = [self._table_use(n, name) for n in nodes]
             if all(kinds) and nodes:
                 tables[name] = kinds
-        # MatMul name -> the Add of its bias, folded into DynamicQuantizeMatMul only: ONNX Runtime
+        def is_linear(node) -> bool:  # a MatMul by a float weight read by it alone: quantized below
+            return node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and is_float_matrix(node.input[1]) \
+                and node.input[0] not in inits and len(uses[node.input[1]]) == 1
+
+        # id(linear node) -> the Add of its bias, folded into DynamicQuantizeMatMul only: ONNX Runtime
         # fuses MatMulNBits + Add itself where the execution provider's kernel takes a bias (its
         # CUDA kernel's bias support depends on the version), but not an Add after DynamicQuantizeMatMul.
         dynamic = self.o.bits == 8 and self.o.int8_format == "dynamic"
-        bias_adds = self._bias_adds(graph, inits) if dynamic else {}
+        bias_adds = self._bias_adds([n for n in graph.node if is_linear(n)], uses, inits, graph) if dynamic else {}
         folded = {id(a) for a, _ in bias_adds.values()}
         new_nodes = []
         for node in graph.node:
             out = None
             if id(node) in folded:
                 continue  # its bias is an input of the quantized node that replaced its MatMul
-            if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and is_float_matrix(node.input[1]) \
-                    and node.input[0] not in inits and len(uses[node.input[1]]) == 1:
-                out = self._matmul(node, inits[node.input[1]], add, bias_adds.get(node.name))
+            if is_linear(node):
+                out = self._matmul(node, inits[node.input[1]], add, bias_adds.get(id(node)))
             elif any(i in tables for i in node.input):
                 name = next(i for i in node.input if i in tables)
                 out = self._table_node(node, inits[name], add)
@@ -546,8 +548,9 @@ class _GraphQuantizer:
         return None
 
     @staticmethod
-    def _bias_adds(graph, inits) -> dict:
-        """MatMul name -> (Add node, bias name) where the MatMul's only consumer adds a float
+    def _bias_adds(linear: list, uses: dict[str, list], inits: dict, graph) -> dict:
+        """id(MatMul) -> (Add node, bias name) for the `linear` MatMuls (those being quantized;
+        `uses`: value name -> the nodes reading it) whose only consumer adds a float
         vector of its output width (SigLIP's and the projector's biases). DynamicQuantizeMatMul
         takes that bias as an input; left as an Add, it costs a pass over the output, and ONNX
         Runtime then fuses it into the tanh-Gelu that follows fc1 (FastGelu), which ran slower
@@ -556,24 +559,18 @@ class _GraphQuantizer:
         MatMulIntegerToFloat)."""
         import onnx
 
-        consumers: dict[str, list] = {}
-        for node in graph.node:
-            for name in node.input:
-                consumers.setdefault(name, []).append(node)
         outputs = {o.name for o in graph.output}
         found = {}
-        for node in graph.node:
-            if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or node.input[1] not in inits:
-                continue
+        for node in linear:
             y = node.output[0]
-            users = consumers.get(y, [])
+            users = uses.get(y, [])
             if y in outputs or len(users) != 1 or users[0].op_type != "Add" or users[0].domain not in ("", "ai.onnx"):
                 continue
             add_node = users[0]
             other = add_node.input[1] if add_node.input[0] == y else add_node.input[0]
             bias, w = inits.get(other), inits[node.input[1]]
             if bias is not None and bias.data_type == onnx.TensorProto.FLOAT and list(bias.dims) == [w.dims[-1]]:
-                found[node.name] = (add_node, other)
+                found[id(node)] = (add_node, other)
         return found
 
     def _matmul(self, node, tensor, add, bias_add=None):

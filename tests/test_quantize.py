@@ -605,3 +605,26 @@ def test_linear_block_size_caps_at_the_layer_width():
     """A layer narrower than the block gets one block per row: the next power of two >= K."""
     assert [linear_block_size(128, k) for k in (8, 16, 48, 64, 100, 128, 1152)] == [16, 16, 64, 64, 128, 128, 128]
     assert linear_block_size(32, 64) == 32 and linear_block_size(32, 1152) == 32
+
+
+def test_bias_stays_an_add_when_its_matmul_is_not_quantized(tmp_path):
+    """A bias Add is folded into DynamicQuantizeMatMul only for a MatMul that is quantized: one whose
+    weight is also read elsewhere keeps its float MatMul and its Add, and the graph still runs."""
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w, b = rng.standard_normal((8, 4)).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["A", "W"], ["y1"], name="shared_1"),
+             helper.make_node("Add", ["y1", "b"], ["Y1"], name="bias_1"),
+             helper.make_node("MatMul", ["A", "W"], ["Y2"], name="shared_2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", T.FLOAT, [None, 8])],
+                              [helper.make_tensor_value_info(n, T.FLOAT, [None, 4]) for n in ("Y1", "Y2")],
+                              [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "g.onnx"))
+    quantize_folder(tmp_path, QuantOptions.create("int8"))
+    proto = onnx.load(str(tmp_path / "g.onnx"))
+    assert [n.op_type for n in proto.graph.node] == ["MatMul", "Add", "MatMul"]
+    a = rng.standard_normal((3, 8)).astype(np.float32)
+    y1, _ = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"]).run(None, {"A": a})
+    np.testing.assert_allclose(y1, a @ w + b, rtol=1e-5, atol=1e-5)
