@@ -11,7 +11,7 @@ Steps: generate the dataset (seed 0), build a random `demo_config()` PaliGemma w
 512-token stand-in tokenizer, then train in three stages, as PaliGemma starts from a separately
 pretrained SigLIP:
   0. `pretrain_vision_`: the SigLIP tower alone, supervised on what each grid cell holds;
-  1. the projector and decoder learn to read the frozen tower (`pgexport.finetune`, the recipe of
+  1. the projector and decoder learn to read the frozen tower (`pgexport.train.finetune`, the recipe of
      `pgexport finetune`, with freeze_vision);
   2. everything trains, the tower at a lower lr (vision_lr_scale).
 Then evaluate on a fresh test set drawn with another seed (1234) and write the model in the
@@ -34,13 +34,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pgexport.dataset import COLOURS, SHAPES, cell_labels, cell_pooling, make_examples, read_jsonl, render, write_dataset
-from pgexport.demo import DEMO_BASE_VOCAB, DEMO_DIR, demo_config
-from pgexport.finetune import TrainConfig, evaluate, finetune, native_bf16
-from pgexport.image import preprocess_images
+from pgexport.train.dataset import COLOURS, SHAPES, cell_labels, cell_pooling, make_examples, read_jsonl, render, write_dataset
+from pgexport.train.demo import DEMO_BASE_VOCAB, DEMO_DIR, demo_config
+from pgexport.train.finetune import TrainConfig, evaluate, finetune, native_bf16
+from pgexport.processing.image import preprocess_images
 from pgexport.models import PaliGemma
-from pgexport.processor import PaliGemmaProcessor
-from pgexport.tokenizer import build_paligemma_tokenizer
+from pgexport.processing.processor import PaliGemmaProcessor
+from pgexport.processing.tokenizer import build_paligemma_tokenizer
 
 TEST_SEED = 1234  # the fresh test set: another seed than the training data
 

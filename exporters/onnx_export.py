@@ -55,7 +55,6 @@ export 82-150 s with 2.5 GiB peak RSS (0.23x the 10.9 GiB of weights), fp16 expo
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -70,11 +69,14 @@ import onnxscript.optimizer
 import torch
 
 from pgexport.errors import PgExportError
+from pgexport.exporters.external_data import EXTERNAL_THRESHOLD_BYTES, DataFile
+from pgexport.files import move_into_place, staging_folder
 from pgexport.models.config import PaliGemmaConfig
 from pgexport.models.paligemma import PaliGemma
+from pgexport.runtime.onnx_files import check_external_data
 
-from .graphs import DecodeGraph, PrefillGraph, VisionEncoderGraph
-from .tensor_source import CheckpointSource, StateDictSource, TensorSource
+from pgexport.exporters.graphs import DecodeGraph, PrefillGraph, VisionEncoderGraph
+from pgexport.exporters.tensor_source import CheckpointSource, StateDictSource, TensorSource
 
 DEFAULT_OPSET = 20  # Gelu(approximate="tanh") is a single op from opset 20
 VISION_FILE = "vision_encoder.onnx"
@@ -82,9 +84,6 @@ PREFILL_FILE = "prefill.onnx"
 DECODE_FILE = "decode.onnx"
 VISION_DATA = "vision_encoder.onnx.data"
 DECODER_DATA = "decoder.onnx.data"  # shared by prefill.onnx and decode.onnx
-# Initializers at least this large go to external data (deduplicated); smaller ones (shape
-# constants, scalars) stay inline in the graph, where they cost less than a file reference.
-EXTERNAL_THRESHOLD_BYTES = 64
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 PARAM_PREFIX = "model."  # the wrappers hold the model as `self.model`
 
@@ -131,8 +130,6 @@ def export_onnx(
     _check_source_shapes(source, fake_model)
     graphs = VisionEncoderGraph(fake_model), PrefillGraph(fake_model), DecodeGraph(fake_model)
 
-    from pgexport.staging import move_into_place, staging_folder
-
     tmp = staging_folder(out_dir)
     try:
         # Vision encoder: its own data file.
@@ -167,9 +164,9 @@ def export_onnx(
         say("checking the ONNX files")
         for name in (VISION_FILE, PREFILL_FILE, DECODE_FILE):
             onnx.checker.check_model(str(tmp / name))  # path form: works past 2 GB
-            check_external_data(tmp / name)
-        tensors = {VISION_DATA: len(_external_refs(tmp / VISION_FILE))}
-        tensors[DECODER_DATA] = len(_external_refs(tmp / PREFILL_FILE) | _external_refs(tmp / DECODE_FILE))
+        refs = {name: {(r.location, r.offset, r.length) for r in check_external_data(tmp / name)}
+                for name in (VISION_FILE, PREFILL_FILE, DECODE_FILE)}
+        tensors = {VISION_DATA: len(refs[VISION_FILE]), DECODER_DATA: len(refs[PREFILL_FILE] | refs[DECODE_FILE])}
 
         move_into_place(tmp, out_dir)
     except BaseException:
@@ -408,11 +405,6 @@ def _check_io(model: ir.Model, inputs: list[str], outputs: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------- external data
-def _content_key(dtype: ir.DataType, raw: np.ndarray) -> tuple:
-    """Identity of a tensor's bytes: dtype, byte length and a SHA-256 of the raw data."""
-    return (dtype, raw.nbytes, hashlib.sha256(memoryview(raw)).hexdigest())
-
-
 class _SharedExternalData:
     """One external-data file that several models' initializers point into, each distinct
     tensor stored once, written as it is added.
@@ -425,10 +417,8 @@ class _SharedExternalData:
 
     def __init__(self, folder: Path, relative_path: str, threshold: int = EXTERNAL_THRESHOLD_BYTES):
         self.folder, self.relative_path, self.threshold = Path(folder), relative_path, threshold
-        self.file = open(self.folder / relative_path, "wb")
-        self.size = 0
+        self.data = DataFile(self.folder / relative_path)
         self.by_source: dict[tuple, tuple[int, int]] = {}  # SourceTensor.key -> (offset, length)
-        self.by_content: dict[tuple, tuple[int, int]] = {}  # content key -> (offset, length)
         self.reads = 0  # source tensors read (each at most once per file)
 
     def add(self, model: ir.Model) -> None:
@@ -459,52 +449,10 @@ class _SharedExternalData:
             raw = np.ascontiguousarray(tensor.numpy()).reshape(-1).view(np.uint8)
         if raw.nbytes != tensor.nbytes:
             raise RuntimeError(f"{tensor.name}: {raw.nbytes} bytes, expected {tensor.nbytes}")
-        ckey = _content_key(tensor.dtype, raw)
-        where = self.by_content.get(ckey)
-        if where is None:
-            self.file.write(memoryview(raw))
-            where = self.by_content[ckey] = (self.size, raw.nbytes)
-            self.size += raw.nbytes
-        return where
+        return self.data.write(tensor.dtype, raw)
 
     def flush(self) -> None:
-        self.file.flush()
+        self.data.flush()
 
     def finish(self) -> None:
-        if not self.file.closed:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
-
-
-def _external_refs(path: Path) -> set[tuple[str, int, int]]:
-    """(location, offset, length) of every externally stored initializer of an ONNX file."""
-    proto = onnx.load(str(path), load_external_data=False)
-    refs = set()
-    for t in proto.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in t.external_data}
-            refs.add((info["location"], int(info.get("offset", 0)), int(info.get("length", 0))))
-    return refs
-
-
-def check_external_data(path: str | os.PathLike) -> None:
-    """Refuse an ONNX file whose external data escapes its folder or runs past a file's end.
-
-    Guards against the path-traversal issues of older ONNX releases (CVE-2022-25882,
-    CVE-2024-27318); a loader should call this before handing the file to a runtime.
-    """
-    path = Path(path)
-    folder = path.parent.resolve()
-    for location, offset, length in _external_refs(path):
-        if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location:
-            raise ValueError(f"{path.name}: external data location {location!r} is not relative")
-        target = (folder / location).resolve()
-        if target.parent != folder and folder not in target.parents:
-            raise ValueError(f"{path.name}: external data location {location!r} leaves {folder}")
-        if not target.is_file():
-            raise ValueError(f"{path.name}: external data file {location!r} is missing")
-        if offset + length > target.stat().st_size:
-            raise ValueError(f"{path.name}: external data {location!r} [{offset}, +{length}) runs past the end of the file")
-
-
+        self.data.close()

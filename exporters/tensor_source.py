@@ -30,7 +30,8 @@ from typing import Mapping
 import torch
 
 from pgexport.errors import PgExportError
-from pgexport.models.checkpoint import _EMBED, _TIED_HEAD_KEYS, read_config, to_internal_name, weight_files
+from pgexport.models.checkpoint import (EMBED_KEY, expected_shapes, match_weights, read_config, unreadable_safetensors,
+                                        untied_head_error, weight_files)
 from pgexport.models.config import PaliGemmaConfig
 
 # safetensors dtype codes -> torch dtypes (the ones a PaliGemma checkpoint can hold).
@@ -100,33 +101,12 @@ class CheckpointSource(TensorSource):
         self.cfg: PaliGemmaConfig = read_config(self.folder)
         if expected is None:
             expected = expected_shapes(self.cfg)
-        self.entries: dict[str, _Entry] = {}
-        heads: list[_Entry] = []
-        problems: list[str] = []
-        for path in weight_files(self.folder):
-            for key, entry in _read_header(path).items():
-                name = to_internal_name(key)
-                shape = entry.shape
-                if key in _TIED_HEAD_KEYS:  # Gemma ties the head to the embedding table
-                    if shape != tuple(expected[_EMBED]):
-                        problems.append(f"{key}: checkpoint {list(shape)} vs embedding {list(expected[_EMBED])}")
-                    else:
-                        heads.append(entry)
-                elif name not in expected:
-                    problems.append(f"unexpected tensor {key} {list(shape)}")
-                elif shape != tuple(expected[name]):
-                    problems.append(f"{key}: checkpoint {list(shape)} vs config {list(expected[name])}")
-                elif name in self.entries:
-                    problems.append(f"{key} appears twice")
-                else:
-                    self.entries[name] = entry
-        problems += [f"missing tensor for {k} {list(s)}" for k, s in expected.items() if k not in self.entries]
-        if problems:
-            more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
-            raise PgExportError(f"{self.folder} does not match its config.json: {'; '.join(problems[:3])}{more}")
-        for head in heads:
-            if not self._same_tensor(head, self.entries[_EMBED]):
-                raise PgExportError(f"{head.key} differs from the embedding table; PaliGemma ties its head to the embeddings and pgexport does not support an untied head")
+        entries = {(path, key): entry for path in weight_files(self.folder) for key, entry in _read_header(path).items()}
+        found, heads = match_weights(self.folder, {k: e.shape for k, e in entries.items()}, expected)
+        self.entries: dict[str, _Entry] = {name: entries[where] for name, where in found.items()}
+        for where in heads:
+            if not self._same_tensor(entries[where], self.entries[EMBED_KEY]):
+                raise untied_head_error(where[1])
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: e.shape for k, e in self.entries.items()}
@@ -158,15 +138,6 @@ class CheckpointSource(TensorSource):
         return True
 
 
-def expected_shapes(cfg: PaliGemmaConfig) -> dict[str, tuple[int, ...]]:
-    """Parameter name -> shape of the model `cfg` describes (built on the meta device)."""
-    from pgexport.models.paligemma import PaliGemma
-
-    with torch.device("meta"):
-        model = PaliGemma(cfg)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
 def _read_header(path: Path) -> dict[str, _Entry]:
     """safetensors layout: u64 little-endian header length N, N bytes of JSON, then the data.
     Returns key -> entry with absolute byte offsets; refuses offsets outside the file."""
@@ -181,7 +152,7 @@ def _read_header(path: Path) -> dict[str, _Entry]:
                 raise ValueError(f"header length {n} is impossible for a {size}-byte file")
             header = json.loads(f.read(n))
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise PgExportError(f"{path} cannot be read as safetensors ({_one_line(e)}); the file is corrupt or truncated, re-download it") from None
+        raise unreadable_safetensors(path, e) from None
     base = 8 + n
     out: dict[str, _Entry] = {}
     for key, info in header.items():
@@ -223,7 +194,3 @@ def _pread_rows(entry: _Entry, r0: int, r1: int, row_elems: int) -> torch.Tensor
     item = torch.empty((), dtype=entry.dtype).element_size()
     start = entry.start + r0 * row_elems * item
     return _pread_tensor(entry.path, start, (r1 - r0) * row_elems * item, entry.dtype)
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())[:200]

@@ -1,6 +1,6 @@
 """From-scratch PaliGemma 1 and 2 in PyTorch (installed as `pgexport.models`)."""
 
-from .config import PRESETS, PaliGemmaConfig, TextConfig, VisionConfig
-from .paligemma import PaliGemma
+from pgexport.models.config import PRESETS, PaliGemmaConfig, TextConfig, VisionConfig
+from pgexport.models.paligemma import PaliGemma
 
 __all__ = ["PRESETS", "PaliGemma", "PaliGemmaConfig", "TextConfig", "VisionConfig"]

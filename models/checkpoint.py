@@ -16,21 +16,19 @@ one read from the memory-mapped files.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from pgexport.errors import PgExportError
+from pgexport.errors import PgExportError, one_line
 
-from .config import PaliGemmaConfig
-from .paligemma import PaliGemma
+from pgexport.models.config import PaliGemmaConfig
+from pgexport.models.paligemma import PaliGemma
 
-_EMBED = "language_model.embed_tokens.weight"
-_TIED_HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight", "model.lm_head.weight")
+EMBED_KEY = "language_model.embed_tokens.weight"
+TIED_HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight", "model.lm_head.weight")
 
 
 def to_internal_name(key: str) -> str:
@@ -83,6 +81,52 @@ def weight_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def expected_shapes(cfg: PaliGemmaConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of the model `cfg` describes (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = PaliGemma(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def match_weights(folder: str | Path, stored: dict[tuple[Path, str], tuple[int, ...]],
+                  expected: dict[str, tuple[int, ...]]) -> tuple[dict[str, tuple[Path, str]], list[tuple[Path, str]]]:
+    """Match every stored tensor to a parameter, strictly; the one check every loader runs.
+
+    `stored` maps (file, key as stored) -> shape. Returns parameter name -> (file, key), and the
+    explicit copies of the tied LM head (to be compared with the embedding by the caller).
+    Anything else (an unknown key, a shape that differs from the config, a key twice, a missing
+    parameter) raises one error naming up to three problems by key and shape.
+    """
+    found: dict[str, tuple[Path, str]] = {}
+    heads: list[tuple[Path, str]] = []
+    problems: list[str] = []
+    for (path, key), shape in stored.items():
+        name = to_internal_name(key)
+        if key in TIED_HEAD_KEYS:  # Gemma ties the head to the embedding table
+            if tuple(shape) != tuple(expected[EMBED_KEY]):
+                problems.append(f"{key}: checkpoint {list(shape)} vs embedding {list(expected[EMBED_KEY])}")
+            else:
+                heads.append((path, key))
+        elif name not in expected:
+            problems.append(f"unexpected tensor {key} {list(shape)}")
+        elif tuple(shape) != tuple(expected[name]):
+            problems.append(f"{key}: checkpoint {list(shape)} vs config {list(expected[name])}")
+        elif name in found:
+            problems.append(f"{key} appears twice")
+        else:
+            found[name] = (path, key)
+    problems += [f"missing tensor for {k} {list(s)}" for k, s in expected.items() if k not in found]
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise PgExportError(f"{Path(folder)} does not match its config.json: {'; '.join(problems[:3])}{more}")
+    return found, heads
+
+
+def untied_head_error(key: str) -> PgExportError:
+    return PgExportError(f"{key} differs from the embedding table; PaliGemma ties its head to the embeddings and "
+                         "pgexport does not support an untied head")
+
+
 def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> PaliGemma:
     """Build a `PaliGemma` from a Hugging Face folder, with every weight accounted for.
 
@@ -92,47 +136,59 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32, devi
     with torch.device("meta"):
         model = PaliGemma(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    files = weight_files(folder)
+    stored: dict[tuple[Path, str], tuple[int, ...]] = {}
+    for path in files:
+        with _open_safetensors(path) as f:
+            for key in f.keys():
+                stored[(path, key)] = tuple(f.get_slice(key).get_shape())
+    found, heads = match_weights(folder, stored, expected)
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for name, (path, key) in found.items():
+        by_file.setdefault(path, []).append((name, key))
     state: dict[str, torch.Tensor] = {}
-    heads: dict[str, torch.Tensor] = {}  # explicit copies of the tied head, checked below
-    problems: list[str] = []
-    for path in weight_files(folder):
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    name = to_internal_name(key)
-                    shape = tuple(f.get_slice(key).get_shape())
-                    if key in _TIED_HEAD_KEYS:  # Gemma ties the head to the embedding table
-                        if shape != expected[_EMBED]:
-                            problems.append(f"{key}: checkpoint {list(shape)} vs embedding {list(expected[_EMBED])}")
-                        else:
-                            heads[key] = f.get_tensor(key)
-                    elif name not in expected:
-                        problems.append(f"unexpected tensor {key} {list(shape)}")
-                    elif shape != expected[name]:
-                        problems.append(f"{key}: checkpoint {list(shape)} vs config {list(expected[name])}")
-                    elif name in state:
-                        problems.append(f"{key} appears twice")
-                    else:
-                        # One copy: mmap -> (cast) -> target device.
-                        state[name] = f.get_tensor(key).to(device=device, dtype=dtype)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise PgExportError(f"{path} cannot be read as safetensors ({_one_line(e)}); the file is corrupt or truncated, re-download it") from None
-    missing = [f"missing tensor for {k} {list(s)}" for k, s in expected.items() if k not in state]
-    problems += missing
-    if problems:
-        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise PgExportError(f"{Path(folder)} does not match its config.json: {'; '.join(problems[:3])}{more}")
-    for key, head in heads.items():
-        if not torch.equal(head.to(dtype), state[_EMBED].to("cpu")):
-            raise PgExportError(f"{key} differs from the embedding table; PaliGemma ties its head to the embeddings and pgexport does not support an untied head")
+    for path, names in by_file.items():
+        with _open_safetensors(path) as f:
+            for name, key in names:  # one copy: mmap -> (cast) -> target device
+                state[name] = f.get_tensor(key).to(device=device, dtype=dtype)
+    for path, key in heads:
+        with _open_safetensors(path) as f:
+            if not torch.equal(f.get_tensor(key).to(dtype), state[EMBED_KEY].to("cpu")):
+                raise untied_head_error(key)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+class _open_safetensors:
+    """`safe_open` whose read errors become one-line `PgExportError`s naming the file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        try:
+            self.handle = safe_open(str(self.path), framework="pt", device="cpu")
+            return self.handle.__enter__()
+        except (SafetensorError, OSError, ValueError) as e:
+            raise unreadable_safetensors(self.path, e) from None
+
+    def __exit__(self, kind, value, tb):
+        self.handle.__exit__(kind, value, tb)
+        if isinstance(value, (SafetensorError, OSError, ValueError)):
+            raise unreadable_safetensors(self.path, value) from None
+        return False
+
+
+def unreadable_safetensors(path: Path, error: BaseException) -> PgExportError:
+    return PgExportError(f"{path} cannot be read as safetensors ({one_line(error)}); the file is corrupt or "
+                         "truncated, re-download it")
 
 
 def save_checkpoint(model: PaliGemma, folder: str | Path, max_shard_bytes: int | None = None) -> None:
     """Write `config.json` and safetensors weights in the published naming (sharded if asked).
 
-    Files go to a temporary name first and are renamed once complete.
+    Write into a staging folder (`pgexport.files.staging_folder`) and move it into place when the
+    whole checkpoint is written: a single file renamed early would still leave a partial folder.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -147,34 +203,12 @@ def save_checkpoint(model: PaliGemma, folder: str | Path, max_shard_bytes: int |
         shards[-1][k] = v
         size += nbytes
     if len(shards) == 1:
-        _atomic(folder / "model.safetensors", lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
+        save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         for name, shard in zip(names, shards):
-            _atomic(folder / name, lambda p, s=shard: save_file(s, p, metadata={"format": "pt"}))
+            save_file(shard, folder / name, metadata={"format": "pt"})
         index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in tensors.values())},
                  "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-        _atomic(folder / "model.safetensors.index.json", lambda p: Path(p).write_text(json.dumps(index, indent=2)))
-    _atomic(folder / "config.json", lambda p: model.cfg.to_json_file(p))
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())[:200]
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    model.cfg.to_json_file(folder / "config.json")

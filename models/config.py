@@ -19,10 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Token layout shared by every PaliGemma tokenizer: 256000 Gemma tokens, then 1024 `<locNNNN>`
-# detection tokens, 128 `<segNNN>` segmentation tokens, then `<image>`.
-NUM_LOC_TOKENS = 1024
-NUM_SEG_TOKENS = 128
+from pgexport import vocab
+
 
 
 @dataclass
@@ -297,8 +295,8 @@ def _paligemma2(image_size: int, size: str) -> PaliGemmaConfig:
 
 def tiny_vocab_size(base_vocab: int) -> tuple[int, int]:
     """(embedding rows, image token id) for a tokenizer with `base_vocab` ordinary tokens."""
-    image_token_id = base_vocab + NUM_LOC_TOKENS + NUM_SEG_TOKENS
-    return -(-(image_token_id + 1) // 64) * 64, image_token_id
+    image_id = vocab.image_token_id(base_vocab)
+    return -(-(image_id + 1) // 64) * 64, image_id
 
 
 TINY_BASE_VOCAB = 512  # ordinary tokens of the tiny presets' tokenizer (bytes + a few words)

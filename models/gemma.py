@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention
-from .config import TextConfig
+from pgexport.models.attention import attention
+from pgexport.models.config import TextConfig
 
 
 class RMSNorm(nn.Module):

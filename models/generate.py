@@ -1,6 +1,7 @@
 """Eager PyTorch generation with a static KV cache.
 
-`EagerStepper` implements the two steps the shared loop in `pgexport.generation` needs:
+`EagerStepper` implements the two steps the shared generation loop
+(`pgexport.runtime.generation.generate_tokens`, used by `pgexport.eager.generate`) drives:
 
 * prefill: the vision tower runs once, the whole prompt goes through the decoder under the
   prefix-LM mask and writes its keys/values at slots `0 .. S-1` of a cache sized for
@@ -14,21 +15,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pgexport.generation import Sampling, generate_tokens
-
-from .kv_cache import StaticKVCache
-from .paligemma import PaliGemma, _tensor, last_token_index, positions_from_mask
+from pgexport.models.kv_cache import StaticKVCache
+from pgexport.models.paligemma import PaliGemma, as_tensor, last_token_index, positions_from_mask
 
 
 class EagerStepper:
+    """Prefill / decode steps of one generation over `model` (a new stepper per generation)."""
+
     def __init__(self, model: PaliGemma):
         self.model = model
 
     @torch.inference_mode()
     def prefill(self, input_ids, attention_mask, pixel_values, max_new_tokens: int) -> np.ndarray:
         m, cfg = self.model, self.model.cfg
-        ids = _tensor(input_ids, torch.long, m.device)
-        mask = _tensor(attention_mask, torch.long, m.device)
+        ids = as_tensor(input_ids, torch.long, m.device)
+        mask = as_tensor(attention_mask, torch.long, m.device)
         B, S = ids.shape
         T = S + max_new_tokens
         if T > cfg.text.max_position_embeddings:
@@ -42,7 +43,7 @@ class EagerStepper:
         self.num_real = mask.sum(-1)  # [B]
         self.slot = self.prompt_len = S
 
-        features = m.encode_image(_tensor(pixel_values, m.dtype, m.device)) if pixel_values is not None else None
+        features = m.encode_image(as_tensor(pixel_values, m.dtype, m.device)) if pixel_values is not None else None
         x = m.embed(ids, features)
         masks = m.masks(torch.arange(S, device=m.device), self.kv_valid[:, :S], self.kv_prefix[:, :S], mask.bool())
         hidden = m.language_model(x, positions_from_mask(mask), masks, self.cache, slot=0)  # [B, S, D]
@@ -51,7 +52,7 @@ class EagerStepper:
     @torch.inference_mode()
     def decode(self, tokens) -> np.ndarray:
         m = self.model
-        ids = _tensor(tokens, torch.long, m.device)[:, None]  # [B, 1]
+        ids = as_tensor(tokens, torch.long, m.device)[:, None]  # [B, 1]
         slot = self.slot
         self.kv_valid[:, slot] = True
         positions = (self.num_real + 1 + (slot - self.prompt_len))[:, None]  # 1-based, real tokens only
@@ -64,20 +65,3 @@ class EagerStepper:
 
     def _logits(self, hidden: torch.Tensor) -> np.ndarray:
         return self.model.language_model.logits(hidden).float().cpu().numpy()
-
-
-def generate(
-    model: PaliGemma,
-    input_ids,
-    attention_mask,
-    pixel_values,
-    max_new_tokens: int = 32,
-    sampling: Sampling | None = None,
-) -> np.ndarray:
-    """Generated token ids `[B, n]` for processor outputs; greedy unless `sampling` says otherwise.
-
-    >>> out = generate(model, **processor(images=[img], prompts=["caption en"]), max_new_tokens=20)  # doctest: +SKIP
-    """
-    cfg = model.cfg
-    return generate_tokens(EagerStepper(model), np.asarray(input_ids), np.asarray(attention_mask), pixel_values,
-                           max_new_tokens, cfg.eos_token_id, cfg.pad_token_id, sampling)

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attention import prefix_lm_mask
-from .config import PaliGemmaConfig
-from .gemma import GemmaDecoder, RMSNorm
-from .siglip import SiglipVisionTower
+from pgexport.models.attention import prefix_lm_mask
+from pgexport.models.config import PaliGemmaConfig
+from pgexport.models.gemma import GemmaDecoder, RMSNorm
+from pgexport.models.siglip import SiglipVisionTower
 
 
 class MultiModalProjector(nn.Module):
@@ -97,18 +97,18 @@ class PaliGemma(nn.Module):
         Without `token_type_ids` every real token is prefix, as at inference: the image and
         the whole prompt see each other. Accepts numpy arrays as the processor returns them.
         """
-        input_ids = _tensor(input_ids, torch.long, self.device)
+        input_ids = as_tensor(input_ids, torch.long, self.device)
         B, S = input_ids.shape
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else _tensor(attention_mask, torch.long, self.device)
-        is_prefix = attention_mask.bool() if token_type_ids is None else (_tensor(token_type_ids, torch.long, self.device) == 0) & attention_mask.bool()
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else as_tensor(attention_mask, torch.long, self.device)
+        is_prefix = attention_mask.bool() if token_type_ids is None else (as_tensor(token_type_ids, torch.long, self.device) == 0) & attention_mask.bool()
         if image_features is None and pixel_values is not None:
-            image_features = self.encode_image(_tensor(pixel_values, self.dtype, self.device))
+            image_features = self.encode_image(as_tensor(pixel_values, self.dtype, self.device))
         x = self.embed(input_ids, image_features)
         slots = torch.arange(S, device=self.device)
         masks = self.masks(slots, attention_mask.bool(), is_prefix, is_prefix)
         hidden = self.language_model(x, positions_from_mask(attention_mask), masks)  # [B, S, D]
         if logits_at is not None:
-            hidden = hidden[_tensor(logits_at, torch.bool, self.device)]  # [n, D]
+            hidden = hidden[as_tensor(logits_at, torch.bool, self.device)]  # [n, D]
         return self.language_model.logits(hidden)
 
     @classmethod
@@ -144,7 +144,8 @@ class PaliGemma(nn.Module):
         return self.multi_modal_projector.linear.weight.dtype
 
 
-def _tensor(x, dtype, device) -> torch.Tensor:
+def as_tensor(x, dtype, device) -> torch.Tensor:
+    """NumPy, list or tensor input -> a tensor of `dtype` on `device` (callers pass either)."""
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
     return torch.as_tensor(x, device=device).to(dtype)

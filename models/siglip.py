@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention
-from .config import VisionConfig
+from pgexport.models.attention import attention
+from pgexport.models.config import VisionConfig
 
 
 class SiglipEmbeddings(nn.Module):

@@ -4,23 +4,22 @@ The base package (ONNX Runtime path) imports no PyTorch; the eager-model functio
 it on first use and need `pip install 'pgexport[export]'`.
 """
 
-from .errors import PgExportError
-from .generation import Sampling
+import importlib
+
+from pgexport.errors import PgExportError
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "load_model": "api", "load_processor": "api", "generate": "api", "init_checkpoint": "api",
-    "sample_image": "api", "OnnxPaliGemma": "runtime",
+    "sample_image": "api", "export": "api", "quantize": "api", "OnnxPaliGemma": "runtime", "Sampling": "runtime",
 }
 
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'pgexport' has no attribute {name!r}")
 
 
-__all__ = ["PgExportError", "Sampling", *_LAZY]
+__all__ = ["PgExportError", *_LAZY]

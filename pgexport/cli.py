@@ -6,12 +6,27 @@ Every command turns bad input into one line on stderr and exit code 1 (2 for usa
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 import click
+from PIL import Image
 
-from .errors import PgExportError
+from pgexport.bench.report import compare_files
+from pgexport.bench.run import parse_backends, run_bench
+from pgexport.bundled import SAMPLE_IMAGE, default_model
+from pgexport.errors import PgExportError
+from pgexport.processing.detection import draw_detections, parse_detections
+from pgexport.processing.image import load_image
+from pgexport.runtime.generation import Sampling
+from pgexport.runtime.manifest import describe_quantization
+from pgexport.runtime.onnx_files import describe_export
+from pgexport.runtime.session import OnnxPaliGemma
+from pgexport.train.dataset import write_dataset
+
+# Commands that need PyTorch (the `export` extra) import the eager side inside the command, so
+# that `pgexport generate --backend onnx` and `pgexport inspect` run on the base install.
 
 
 class _Group(click.Group):
@@ -96,12 +111,11 @@ def init(preset: str, out: str, seed: int, dtype: str):
     Example:
       pgexport init --preset paligemma2-tiny --out tiny2 --seed 1
     """
-    from .models.config import PRESETS
+    from pgexport.api import init_checkpoint
+    from pgexport.models.config import PRESETS
 
     if preset not in PRESETS:
         raise click.BadParameter(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}", param_hint="--preset")
-    from .api import init_checkpoint
-
     init_checkpoint(preset, out, seed=seed, dtype=dtype, progress=_progress)
     click.echo(f"wrote {out}")
 
@@ -130,11 +144,6 @@ def generate(model_spec, image_path, prompt, max_new_tokens, backend, device, dt
       pgexport generate --model paligemma-3b-pt-224 --image cat.jpg --prompt "detect cat" --draw out.png
       pgexport generate --backend onnx --model exports/pg-224 --image cat.jpg --prompt "caption en"
     """
-    from .api import SAMPLE_IMAGE
-    from .detection import draw_detections, parse_detections
-    from .generation import Sampling
-    from .image import load_image
-
     if draw:
         _check_writable_image(draw)  # before the slow part, not after it
     image = load_image(image_path or SAMPLE_IMAGE)
@@ -142,8 +151,8 @@ def generate(model_spec, image_path, prompt, max_new_tokens, backend, device, dt
     if backend == "onnx":  # ONNX Runtime only: nothing here may import torch
         text = _generate_onnx(model_spec, device, dtype, image, prompt, max_new_tokens, sampling)
     else:
-        from .api import generate as run_generate
-        from .api import load_model, load_processor
+        from pgexport.api import generate as run_generate
+        from pgexport.api import load_model, load_processor
 
         model = load_model(model_spec, dtype=dtype, device=device)
         processor = load_processor(model_spec)
@@ -164,8 +173,6 @@ def generate(model_spec, image_path, prompt, max_new_tokens, backend, device, dt
 
 def _generate_onnx(export_dir, device, dtype, image, prompt, max_new_tokens, sampling) -> str:
     """`generate --backend onnx`: OnnxPaliGemma on an export folder (torch-free)."""
-    from .runtime import OnnxPaliGemma
-
     if not export_dir:
         raise PgExportError("--backend onnx needs --model EXPORT_DIR, a folder written by `pgexport onnx`")
     if dtype not in ("float32", "fp32"):
@@ -180,8 +187,6 @@ def _generate_onnx(export_dir, device, dtype, image, prompt, max_new_tokens, sam
 
 def _check_writable_image(path: str) -> None:
     """--draw must name an image format Pillow can write, in an existing folder."""
-    from PIL import Image
-
     Image.init()
     fmt = Image.registered_extensions().get(Path(path).suffix.lower())
     if fmt not in Image.SAVE:
@@ -242,7 +247,8 @@ def onnx_command(model_spec, out, quant, block_size, symmetric, accuracy_level, 
       pgexport onnx --model my-finetuned --out exports/ft --quant fp16 --no-validate
       pgexport onnx --model paligemma-3b-pt-224 --out exports/pg-int4 --quant int4 --block-size 32
     """
-    from .exporters.pipeline import INT_QUANTS, REPORT_FILE, export_folder, normalize_quant
+    from pgexport.api import export
+    from pgexport.exporters.pipeline import INT_QUANTS, REPORT_FILE
 
     options = {"block_size": block_size, "symmetric": symmetric, "accuracy_level": accuracy_level,
                "int8_format": int8_format, "head_bits": int(head_bits) if head_bits else None}
@@ -253,12 +259,11 @@ def onnx_command(model_spec, out, quant, block_size, symmetric, accuracy_level, 
         raise click.UsageError("--int8-format applies to --quant int8")
     if quant == "int8" and head_bits == "4":
         raise click.UsageError("--head-bits 4 with --quant int8: the table cannot have fewer bits than the layers")
-    normalize_quant(quant)  # an unavailable --quant fails before the model is loaded
     quant_options = {k: v for k, v in options.items() if v is not None}
     if quant in INT_QUANTS:
         quant_options["target"] = target
-    result = export_folder(model_spec, out, quant=quant, opset=opset, validate=not no_validate,
-                           progress=_progress, overwrite=overwrite, quant_options=quant_options or None)
+    result = export(model_spec, out, quant=quant, opset=opset, validate=not no_validate,
+                    progress=_progress, overwrite=overwrite, quant_options=quant_options or None)
     click.echo(f"wrote {out} ({result['total_bytes'] / 2**20:.1f} MiB, {quant})")
     q = result.get("quantization")
     if q:
@@ -285,9 +290,6 @@ def inspect_command(export_dir):
     Example:
       pgexport inspect exports/pg-224
     """
-    from .manifest import describe_quantization
-    from .onnx_files import describe_export
-
     info = describe_export(export_dir)
     m = info["manifest"]
     click.echo(f"{info['folder']}: pgexport export, format {m['format_version']}, {m['model_type']}, dtype {m['dtype']}, "
@@ -316,8 +318,6 @@ def _size(n: int) -> str:
 
 def _collapse_layers(entries):
     """past_key_values.{0..N-1}.key|value (same type and shape) as one line."""
-    import re
-
     out, groups = [], {}
     for name, dtype, dims in entries:
         m = re.fullmatch(r"(past_key_values|present)\.(\d+)\.(key|value)", name)
@@ -359,9 +359,9 @@ def quantize_command(model_spec, quant, out, overwrite):
       pgexport quantize --model paligemma-3b-pt-224 --quant int8 --out pg-int8
       pgexport generate --model pg-int8 --prompt "caption en"
     """
-    from .quanto_backend import quantize_checkpoint
+    from pgexport.api import quantize
 
-    quantize_checkpoint(model_spec, out, quant=quant, overwrite=overwrite, progress=_progress)
+    quantize(model_spec, out, quant=quant, overwrite=overwrite, progress=_progress)
     click.echo(f"wrote {out} ({quant}, optimum-quanto)")
 
 
@@ -384,8 +384,6 @@ def dataset(out, seed, n_train, n_val, n_test, size):
     Example:
       pgexport dataset --out shapes --seed 0 --train 2000 --val 100 --test 200
     """
-    from .dataset import write_dataset
-
     paths = write_dataset(out, seed=seed, train=n_train, val=n_val, test=n_test, size=size, progress=_progress)
     for split, path in paths.items():
         click.echo(f"wrote {path}")
@@ -431,9 +429,8 @@ def finetune(model_spec, data, val_data, out, epochs, max_steps, lr, batch_size,
       pgexport finetune --data shapes/train.jsonl --out tuned --epochs 1 --lr 1e-4 --batch-size 8 --eval-every 200
       pgexport generate --model tuned --image shapes/images/test_000000.png --prompt "detect circle"
     """
-    from .api import default_model
-    from .finetune import TrainConfig
-    from .finetune import finetune as run_finetune
+    from pgexport.train.finetune import TrainConfig
+    from pgexport.train.finetune import finetune as run_finetune
 
     if val_data is None and (Path(data).parent / "val.jsonl").is_file() and Path(data).name != "val.jsonl":
         val_data = str(Path(data).parent / "val.jsonl")
@@ -487,8 +484,6 @@ def bench_command(model_spec, backends, provider, threads, images, new_tokens, r
       pgexport bench --compare old/report.json report/report.json
     """
     if compare:
-        from .bench_report import compare_files
-
         table, regressions = compare_files(*compare)
         click.echo(table)
         if regressions:
@@ -498,8 +493,6 @@ def bench_command(model_spec, backends, provider, threads, images, new_tokens, r
             sys.exit(1)
         click.echo("no regression beyond the measured spread", err=True)
         return
-    from .bench import parse_backends, run_bench
-
     chosen = parse_backends(backends)
     report = run_bench(model_spec, chosen, provider=provider, threads=threads, images=images, new_tokens=new_tokens,
                        repeats=repeats, data=data, examples=examples, out=out, cache=cache, reference=reference,

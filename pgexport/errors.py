@@ -20,3 +20,15 @@ class PgExportError(Exception):
         # Messages often embed text from other libraries (Pillow, json) that may span lines;
         # collapse all whitespace so the CLI always prints exactly one line.
         super().__init__(" ".join(str(message).split()))
+
+
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of another library's error message, to quote inside a `PgExportError`.
+
+    ONNX Runtime and safetensors put stack traces and operator dumps after the first line.
+
+        >>> one_line(ValueError("bad header\\n  at offset 8"))
+        'bad header'
+    """
+    lines = [" ".join(ln.split()) for ln in str(error).splitlines() if ln.strip()]
+    return lines[0][:limit] if lines else type(error).__name__

@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pgexport.bench import run_bench
-from pgexport.bench_report import PLOTS, SCHEMA, compare_reports
+from pgexport.bench.run import run_bench
+from pgexport.bench.report import PLOTS, SCHEMA, compare_reports
 from pgexport.cli import main
 
 STATS_KEYS = {"n", "median", "p10", "p90", "min", "max", "mean"}

@@ -29,9 +29,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 import pgexport
-from pgexport.api import SAMPLE_IMAGE
+from pgexport.bundled import SAMPLE_IMAGE
 from pgexport.cli import main
-from pgexport.image import load_image
+from pgexport.processing.image import load_image
 
 PRESET = "paligemma2-tiny"
 SEED = 1

@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from pgexport.cli import main
-from pgexport.dataset import (CELL_NAMES, COLOURS, NUMBERS, SHAPES, TASKS, caption, detection_iou, file_digest,
+from pgexport.train.dataset import (CELL_NAMES, COLOURS, NUMBERS, SHAPES, TASKS, caption, detection_iou, file_digest,
                               make_examples, read_jsonl, render, score, write_dataset)
-from pgexport.detection import parse_detections
+from pgexport.processing.detection import parse_detections
 from pgexport.errors import PgExportError
 
 
@@ -93,7 +93,7 @@ def test_count_questions_are_not_mostly_zero():
 
 
 def test_cell_pooling_and_labels():
-    from pgexport.dataset import GRID, SHAPES, cell_labels, cell_pooling
+    from pgexport.train.dataset import GRID, SHAPES, cell_labels, cell_pooling
 
     pool = cell_pooling(8)  # the demo's 8 x 8 patches
     assert pool.shape == (GRID * GRID, 64) and np.allclose(pool.sum(1), 1)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pgexport.detection import Detection, draw_detections, encode_box, parse_detections
-from pgexport.tokenizer import build_paligemma_tokenizer
+from pgexport.processing.detection import Detection, draw_detections, encode_box, parse_detections
+from pgexport.processing.tokenizer import build_paligemma_tokenizer
 
 WIDTH, HEIGHT = 640, 480
 

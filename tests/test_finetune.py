@@ -14,8 +14,8 @@ from click.testing import CliRunner
 
 import pgexport
 from pgexport.cli import main
-from pgexport.dataset import read_jsonl, write_dataset
-from pgexport.finetune import (TrainConfig, collate, evaluate, finetune, lr_at, native_bf16, own_parameters,
+from pgexport.train.dataset import read_jsonl, write_dataset
+from pgexport.train.finetune import (TrainConfig, collate, evaluate, finetune, lr_at, native_bf16, own_parameters,
                                suffix_loss, training_loss)
 from pgexport.models.checkpoint import load_checkpoint
 
@@ -120,9 +120,9 @@ def test_training_loss_scores_only_the_suffix_positions(tiny_folder, shapes):
 
 def test_bf16_autocast_loss_close_to_fp32(tiny_folder, shapes):
     """bf16 autocast (default on CPUs with native bf16) computes the same loss to bf16 precision."""
-    from pgexport.measure import _cpu_flags
+    from pgexport.machine import cpu_flags
 
-    assert native_bf16(torch.device("cpu")) == bool({"avx512_bf16", "amx_bf16"} & set(_cpu_flags()))
+    assert native_bf16(torch.device("cpu")) == bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags()))
     model = load_checkpoint(tiny_folder)
     processor = pgexport.load_processor(tiny_folder)
     batch = collate(processor, read_jsonl(shapes / "train.jsonl")[:10], "cpu")
@@ -257,7 +257,7 @@ def test_cli_finetune(tiny_folder, shapes, tmp_path):
 
 # The trained weights are produced by examples/train_demo.py and shipped in pgexport/assets/demo
 # (a source checkout without them skips these tests with a reason).
-from pgexport.demo import DEMO_DIR as _DEMO_DIR  # noqa: E402
+from pgexport.train.demo import DEMO_DIR as _DEMO_DIR  # noqa: E402
 
 needs_demo = pytest.mark.skipif(not (_DEMO_DIR / "config.json").is_file(),
                                 reason="demo model not trained yet: run examples/train_demo.py (issue 3 open)")
@@ -265,9 +265,9 @@ needs_demo = pytest.mark.skipif(not (_DEMO_DIR / "config.json").is_file(),
 
 @needs_demo
 def test_default_model_is_the_demo():
-    from pgexport.demo import DEMO_DIR
+    from pgexport.train.demo import DEMO_DIR
 
-    from pgexport.api import default_model
+    from pgexport.bundled import default_model
 
     assert default_model() == str(DEMO_DIR)
     for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
@@ -280,7 +280,7 @@ def demo_fresh_metrics(tmp_path_factory):
     """The shipped demo model scored on a test set generated here, from the seed that
     examples/train_demo.py reports on (1234; the model trained on seed 0's scenes, and the splits
     never share a scene): (metrics, counts, wrong answers, seconds)."""
-    from pgexport.demo import DEMO_DIR
+    from pgexport.train.demo import DEMO_DIR
 
     t0 = time.time()
     torch.manual_seed(0)
@@ -298,7 +298,7 @@ def demo_fresh_metrics(tmp_path_factory):
 def test_demo_model_reaches_its_stated_accuracy_on_a_fresh_test_set(demo_fresh_metrics):
     """The accuracy the training script states (training.json, README) is reproduced on a test set
     generated in this test; 0.02 absolute allows other machines' floating-point differences."""
-    from pgexport.demo import DEMO_DIR
+    from pgexport.train.demo import DEMO_DIR
 
     metrics, counts, wrong, seconds = demo_fresh_metrics
     stated = json.loads((DEMO_DIR / "training.json").read_text())["test_metrics"]

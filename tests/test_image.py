@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pgexport.errors import PgExportError
-from pgexport.image import load_image, preprocess_images, read_image_settings, write_preprocessor_config
+from pgexport.processing.image import load_image, preprocess_images, read_image_settings, write_preprocessor_config
 
 
 def noise(height=48, width=64, seed=0):

@@ -21,9 +21,10 @@ pytest.importorskip("onnxscript")
 
 from pgexport.exporters.graphs import decode_inputs, decode_outputs, prefill_outputs  # noqa: E402
 from pgexport.exporters.onnx_export import check_external_data, export_onnx  # noqa: E402
-from pgexport.generation import generate_tokens  # noqa: E402
+from pgexport.runtime.generation import generate_tokens  # noqa: E402
 from pgexport.models import PaliGemma, PaliGemmaConfig  # noqa: E402
-from pgexport.models.generate import EagerStepper, generate  # noqa: E402
+from pgexport.eager.generate import generate  # noqa: E402
+from pgexport.models.generate import EagerStepper  # noqa: E402
 
 PRESETS = ["paligemma-tiny", "paligemma2-tiny"]
 TOL = 1e-4

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from conftest import make_prompts, pad_batch, prompt_ids, random_pixels
-from pgexport.generation import Sampling
+from pgexport.runtime.generation import Sampling
 from pgexport.models.attention import prefix_lm_mask
-from pgexport.models.generate import EagerStepper, generate
+from pgexport.eager.generate import generate
+from pgexport.models.generate import EagerStepper
 
 LOGIT_ATOL = 1e-4
 MAX_NEW = 20

@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from pgexport.errors import PgExportError
-from pgexport.image import write_preprocessor_config
-from pgexport.processor import PaliGemmaProcessor, load_processor
-from pgexport.tokenizer import build_paligemma_tokenizer, save_tokenizer
+from pgexport.processing.image import write_preprocessor_config
+from pgexport.processing.processor import PaliGemmaProcessor, load_processor
+from pgexport.processing.tokenizer import build_paligemma_tokenizer, save_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -202,7 +202,7 @@ def test_runtime_modules_do_not_import_torch():
 
     import pgexport
 
-    code = ("import sys, pgexport.processor, pgexport.detection; "
+    code = ("import sys, pgexport.processing.processor, pgexport.processing.detection; "
             "print(sorted(m for m in ('torch', 'transformers', 'pgexport.models') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(pgexport.__file__).parents[1])  # finds pgexport installed or not

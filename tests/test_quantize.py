@@ -36,26 +36,29 @@ pytest.importorskip("onnxscript")
 
 import pgexport  # noqa: E402
 from pgexport.exporters.pipeline import export_folder  # noqa: E402
-from pgexport.exporters.quantize import (  # noqa: E402
-    DEFAULT_BLOCK_SIZE,
+from pgexport.exporters.external_data import ExternalDataReader  # noqa: E402
+from pgexport.exporters.quant_numerics import (  # noqa: E402
     NBitsWeight,
-    QuantOptions,
     dequantize_nbits,
-    folder_model_bytes,
     linear_block_size,
     pack_bits,
-    quantize_folder,
-    simulate,
     unpack_bits,
 )
+from pgexport.exporters.quantize import (  # noqa: E402
+    DEFAULT_BLOCK_SIZE,
+    QuantOptions,
+    folder_model_bytes,
+    quantize_folder,
+    simulate,
+)
 from pgexport.exporters.validate import sample_batch, validate_export  # noqa: E402
-from pgexport.manifest import read_manifest, write_manifest  # noqa: E402
+from pgexport.runtime.manifest import read_manifest, write_manifest  # noqa: E402
 from pgexport.models import PaliGemma, PaliGemmaConfig  # noqa: E402
 from pgexport.models.config import TextConfig, VisionConfig, tiny_vocab_size  # noqa: E402
 from pgexport.models.generate import EagerStepper  # noqa: E402
-from pgexport.processor import PaliGemmaProcessor  # noqa: E402
-from pgexport.runtime import OnnxPaliGemma  # noqa: E402
-from pgexport.tokenizer import build_paligemma_tokenizer  # noqa: E402
+from pgexport.processing.processor import PaliGemmaProcessor  # noqa: E402
+from pgexport.runtime.session import OnnxPaliGemma  # noqa: E402
+from pgexport.processing.tokenizer import build_paligemma_tokenizer  # noqa: E402
 
 GRAPHS = ("vision_encoder.onnx", "prefill.onnx", "decode.onnx")
 # Closeness to fp32 on the test model. Measured (seed 0): int8 top-1 0.97, mean KL 1.9e-4, cosine
@@ -501,10 +504,10 @@ DEMO_GATES = {"int8": {"max_loss": 0.005, "min_top1": 0.99}, "int4": {"max_loss"
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from pgexport.dataset import read_jsonl, write_dataset
-    from pgexport.demo import DEMO_DIR
-    from pgexport.exporters.quant_eval import DEMO_EVAL_IMAGES, DEMO_EVAL_SEED
-    from pgexport.finetune import evaluate
+    from pgexport.train.dataset import read_jsonl, write_dataset
+    from pgexport.train.demo import DEMO_DIR
+    from pgexport.train.evaluate import DEMO_EVAL_IMAGES, DEMO_EVAL_SEED
+    from pgexport.train.finetune import evaluate
 
     if not (DEMO_DIR / "config.json").is_file():
         pytest.skip("the demo model is not built (python examples/train_demo.py)")
@@ -519,7 +522,7 @@ def demo(tmp_path_factory):
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_demo_model_accuracy_gates(demo, quant, tmp_path, record_diff):
-    from pgexport.exporters.quant_eval import task_accuracy, teacher_forced_agreement
+    from pgexport.train.evaluate import task_accuracy, teacher_forced_agreement
 
     demo_dir, model, processor, records, eager = demo
     out = tmp_path / quant
@@ -581,8 +584,6 @@ def test_reader_release_unmaps_the_pages_it_read(tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    from pgexport.exporters.quantize import _Reader
-
     values = np.random.default_rng(0).standard_normal((64, 1 << 16), dtype=np.float32)  # 16 MiB
     (tmp_path / "w.data").write_bytes(b"\0" * 100 + values.tobytes())  # an unaligned offset
     t = numpy_helper.from_array(values, "w")
@@ -590,7 +591,7 @@ def test_reader_release_unmaps_the_pages_it_read(tmp_path):
     t.data_location = onnx.TensorProto.EXTERNAL
     for k, v in {"location": "w.data", "offset": "100", "length": str(values.nbytes)}.items():
         t.external_data.add(key=k, value=v)
-    reader = _Reader(tmp_path)
+    reader = ExternalDataReader(tmp_path)
     before = _rss_file_kib()
     assert float(reader.array(t).sum(dtype=np.float64)) == pytest.approx(float(values.sum(dtype=np.float64)))
     touched = _rss_file_kib()

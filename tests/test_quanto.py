@@ -1,4 +1,4 @@
-"""The optimum-quanto PyTorch backend (`pgexport quantize`, `pgexport.quanto_backend`).
+"""The optimum-quanto PyTorch backend (`pgexport quantize`, `pgexport.eager.quanto`).
 
 A checkpoint with 256-wide layers (so int4 uses 128-input groups, not one group per channel) is
 quantized, saved (safetensors + quantization_map.json, no pickle), reloaded on the meta device
@@ -21,8 +21,8 @@ from pgexport.models import PaliGemma, PaliGemmaConfig  # noqa: E402
 from pgexport.models.checkpoint import save_checkpoint  # noqa: E402
 from pgexport.models.config import TextConfig, VisionConfig, tiny_vocab_size  # noqa: E402
 from pgexport.models.generate import EagerStepper  # noqa: E402
-from pgexport.models.generate import generate as generate_ids  # noqa: E402
-from pgexport.quanto_backend import (  # noqa: E402
+from pgexport.eager.generate import generate as generate_ids  # noqa: E402
+from pgexport.eager.quanto import (  # noqa: E402
     QMAP_FILE,
     WEIGHTS_FILE,
     describe_quantized,
@@ -55,8 +55,8 @@ def random_model(seed: int = 0) -> PaliGemma:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A float checkpoint folder (HF layout with tokenizer and preprocessor config)."""
-    from pgexport.image import write_preprocessor_config
-    from pgexport.tokenizer import build_paligemma_tokenizer, save_tokenizer
+    from pgexport.processing.image import write_preprocessor_config
+    from pgexport.processing.tokenizer import build_paligemma_tokenizer, save_tokenizer
 
     folder = tmp_path_factory.mktemp("quanto") / "ckpt"
     folder.mkdir()

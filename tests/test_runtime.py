@@ -1,4 +1,4 @@
-"""The export folder contract and the ONNX Runtime runtime (`pgexport.runtime.OnnxPaliGemma`).
+"""The export folder contract and the ONNX Runtime runtime (`pgexport.runtime.session.OnnxPaliGemma`).
 
 Tiny PaliGemma 1 and 2 models with random weights (std 0.2, non-trivial norms, so greedy
 decoding wanders over the vocabulary) are exported once per module with `export_folder`
@@ -28,14 +28,14 @@ pytest.importorskip("onnxscript")
 onnx = pytest.importorskip("onnx")
 
 import pgexport  # noqa: E402
-from pgexport.api import SAMPLE_IMAGE, sample_image  # noqa: E402
+from pgexport.bundled import SAMPLE_IMAGE, sample_image  # noqa: E402
 from pgexport.errors import PgExportError  # noqa: E402
 from pgexport.exporters import pipeline  # noqa: E402
 from pgexport.exporters.pipeline import export_folder  # noqa: E402
-from pgexport.manifest import MANIFEST_FILE, read_manifest  # noqa: E402
+from pgexport.runtime.manifest import MANIFEST_FILE, read_manifest  # noqa: E402
 from pgexport.models import PaliGemma, PaliGemmaConfig  # noqa: E402
-from pgexport.models.generate import generate as eager_generate_ids  # noqa: E402
-from pgexport.runtime import OnnxPaliGemma  # noqa: E402
+from pgexport.eager.generate import generate as eager_generate_ids  # noqa: E402
+from pgexport.runtime.session import OnnxPaliGemma  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["caption en", "answer en what colour is the circle in the middle?"]
@@ -283,7 +283,7 @@ def test_external_data_escaping_the_folder_is_refused(export_pg1, tmp_path, how)
     msg = one_line(e.value)
     assert "prefill.onnx" in msg and repr(location) in msg and "refusing" in msg
     with pytest.raises(PgExportError, match="refusing"):  # inspect refuses it as well
-        from pgexport.onnx_files import describe_export
+        from pgexport.runtime.onnx_files import describe_export
 
         describe_export(folder)
 
@@ -342,8 +342,8 @@ def test_runtime_and_cli_work_without_torch(export_pg1, runtime_pg1, tmp_path):
     script = (
         "import sys\n"
         "try:\n    import torch\nexcept ImportError:\n    pass\nelse:\n    sys.exit('torch was importable')\n"
-        "from pgexport.runtime import OnnxPaliGemma\n"
-        "from pgexport.api import sample_image\n"
+        "from pgexport.runtime.session import OnnxPaliGemma\n"
+        "from pgexport.bundled import sample_image\n"
         f"rt = OnnxPaliGemma({str(out)!r}, threads=1)\n"
         "print(repr(rt.generate([sample_image()], ['caption en', 'detect circle'], max_new_tokens=10)))\n"
         "assert not [m for m in sys.modules if m.split('.')[0] == 'torch' and sys.modules[m] is not None]\n"
@@ -374,8 +374,8 @@ def test_example_app_prints_what_the_runtime_generates(export_pg2, tmp_path):
 RSS_SCRIPT = r"""
 import json, os, sys
 import numpy, onnx, onnxruntime, tokenizers, PIL.Image  # the libraries, imported before the baseline
-from pgexport.runtime import OnnxPaliGemma
-from pgexport.api import sample_image
+from pgexport.runtime.session import OnnxPaliGemma
+from pgexport.bundled import sample_image
 
 def rss():
     with open("/proc/self/status") as f:

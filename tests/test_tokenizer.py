@@ -12,7 +12,7 @@ import pytest
 import pgexport
 
 from pgexport.errors import PgExportError
-from pgexport.tokenizer import (
+from pgexport.processing.tokenizer import (
     LOC_TOKENS,
     SEG_TOKENS,
     SentencePieceTokenizer,
@@ -76,7 +76,7 @@ def test_skip_special_tokens_keeps_loc_and_seg(built):
 
 
 def test_build_is_deterministic_across_processes():
-    code = ("import hashlib; from pgexport.tokenizer import build_paligemma_tokenizer as b; "
+    code = ("import hashlib; from pgexport.processing.tokenizer import build_paligemma_tokenizer as b; "
             "print(hashlib.sha256(b(512).to_str().encode()).hexdigest())")
     here = hashlib.sha256(build_paligemma_tokenizer(512).to_str().encode()).hexdigest()
     for _ in range(2):  # each process has its own hash seeds
@@ -115,7 +115,7 @@ def test_saved_tokenizer_loads_in_transformers(tmp_path):
 def _train_sentencepiece(tmp_path):
     """A tiny Gemma-like SentencePiece model (loc/seg inside, no <image>)."""
     spm = pytest.importorskip("sentencepiece")
-    from pgexport.tokenizer import _corpus
+    from pgexport.processing.tokenizer import _corpus
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(

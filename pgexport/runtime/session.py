@@ -1,6 +1,6 @@
 """Run an export folder with ONNX Runtime: `OnnxPaliGemma` (numpy + onnxruntime, no torch).
 
-    >>> from pgexport.runtime import OnnxPaliGemma
+    >>> from pgexport.runtime.session import OnnxPaliGemma
     >>> from pgexport import Sampling
     >>> model = OnnxPaliGemma("exports/paligemma-3b-pt-224")  # doctest: +SKIP
     >>> model.generate([image], ["caption en"], max_new_tokens=32)  # doctest: +SKIP
@@ -56,11 +56,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
 
-from .errors import PgExportError
-from .generation import Sampling, generate_tokens
-from .manifest import Manifest, describe_quantization, read_manifest
-from .onnx_files import ExternalRef, check_external_data, load_graph_proto
+from pgexport.errors import PgExportError, one_line
+from pgexport.processing.processor import PaliGemmaProcessor
+from pgexport.processing.tokenizer import load_tokenizer
+from pgexport.runtime.generation import Sampling, generate_tokens
+from pgexport.runtime.manifest import Manifest, describe_quantization, read_manifest
+from pgexport.runtime.onnx_files import ExternalRef, check_external_data, load_graph_proto
 
 VISION_INPUTS = ["pixel_values"]
 VISION_OUTPUTS = ["image_features"]
@@ -76,20 +80,6 @@ _ONNX_NP = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7:
 # Initializers smaller than this are left to ONNX Runtime on CUDA (shape constants and the like
 # may be placed on the CPU, where a device copy could not be used).
 _SHARE_MIN_BYTES = 1024
-
-
-def _ort():
-    try:
-        import onnxruntime
-    except ImportError as e:  # pragma: no cover - a base dependency
-        raise PgExportError(f"onnxruntime is not installed ({e}); pip install onnxruntime "
-                            "(or onnxruntime-gpu for CUDA)") from None
-    return onnxruntime
-
-
-def _one_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 class OnnxPaliGemma:
@@ -108,7 +98,6 @@ class OnnxPaliGemma:
 
     def __init__(self, export_dir: str | os.PathLike, provider: str = "cpu", threads: int | None = None,
                  share_weights: bool | str = True, device_id: int = 0, log_level: int = 3):
-        ort = _ort()
         self.export_dir = Path(export_dir)
         self.manifest: Manifest = read_manifest(self.export_dir)
         self.provider = provider.lower()
@@ -176,9 +165,6 @@ class OnnxPaliGemma:
         self._past_dtype = _NP_TYPES.get(
             {i.name: i.type for i in self.decode_session.get_inputs()}[self._past_names[0]], np.float32)
 
-        from .processor import PaliGemmaProcessor
-        from .tokenizer import load_tokenizer
-
         tok_path = self.export_dir / m.tokenizer
         tokenizer = load_tokenizer(self.export_dir) if tok_path.name in ("tokenizer.json", "tokenizer.model") \
             else _load_named_tokenizer(tok_path)
@@ -203,7 +189,6 @@ class OnnxPaliGemma:
         return self._maps[location]
 
     def _session(self, path: Path, refs: list[ExternalRef], share: str | None):
-        ort = _ort()
         so = ort.SessionOptions()
         so.log_severity_level = self._log_level
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -239,7 +224,7 @@ class OnnxPaliGemma:
         try:
             session = ort.InferenceSession(str(path), so, providers=self._providers())
         except Exception as e:  # ORT's errors are long, multi-line C++ messages
-            raise PgExportError(f"ONNX Runtime cannot load {path}: {_one_line(e)}; the file may be corrupt or from "
+            raise PgExportError(f"ONNX Runtime cannot load {path}: {one_line(e)}; the file may be corrupt or from "
                                 "an incompatible export, re-export the folder") from None
         if self.provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
             raise PgExportError(f"ONNX Runtime could not run {path.name} on CUDA (it fell back to "
@@ -248,7 +233,6 @@ class OnnxPaliGemma:
 
     def _shared_initializer(self, folder: Path, ref: ExternalRef):
         """The OrtValue of one external tensor on this model's device, created once per distinct bytes."""
-        ort = _ort()
         key = (ref.location, ref.offset, ref.length, ref.data_type, ref.dims)
         value = self._device_weights.get(key)
         if value is None:
@@ -294,7 +278,7 @@ class OnnxPaliGemma:
     # ------------------------------------------------------------------ step API
     def _value(self, x, dtype):
         """An OrtValue stays as it is; anything else becomes a contiguous numpy array of `dtype`."""
-        if isinstance(x, _ort().OrtValue):
+        if isinstance(x, ort.OrtValue):
             return x
         return np.ascontiguousarray(np.asarray(x), dtype=dtype)
 
@@ -368,7 +352,7 @@ class OnnxPaliGemma:
 
     # ------------------------------------------------------------------ generation
     def stepper(self) -> _Stepper:
-        """A fresh `pgexport.generation.Stepper` over this model (holds one call's KV cache)."""
+        """A fresh `pgexport.runtime.generation.Stepper` over this model (holds one call's KV cache)."""
         return _Stepper(self)
 
     def generate_ids(self, input_ids, attention_mask, pixel_values, max_new_tokens: int = 32,
@@ -429,9 +413,7 @@ class _Stepper:
 
 def _load_named_tokenizer(path: Path):
     """A tokenizer file with a non-standard name (the manifest's `tokenizer` field)."""
-    from tokenizers import Tokenizer
-
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:
-        raise PgExportError(f"cannot read the tokenizer {path}: {_one_line(e)}; re-copy the export folder") from None
+        raise PgExportError(f"cannot read the tokenizer {path}: {one_line(e)}; re-copy the export folder") from None

@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import PgExportError
+from pgexport.errors import PgExportError
 
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the value stored in preprocessor_config.json
+PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -96,24 +97,25 @@ def preprocess_images(images, size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.
     return np.stack(batch)  # [B, 3, size, size]
 
 
-def write_preprocessor_config(folder: str | Path, image_size: int, num_image_tokens: int) -> None:
+def write_preprocessor_config(folder: str | Path, image_size: int, num_image_tokens: int,
+                              mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resample: int = BICUBIC) -> None:
     """Write a `preprocessor_config.json` like the published PaliGemma checkpoints'."""
     config = {
         "image_processor_type": "SiglipImageProcessor",
         "processor_class": "PaliGemmaProcessor",
-        "image_seq_length": num_image_tokens,
-        "size": {"height": image_size, "width": image_size},
-        "resample": BICUBIC,
+        "image_seq_length": int(num_image_tokens),
+        "size": {"height": int(image_size), "width": int(image_size)},
+        "resample": int(resample),
         "do_resize": True,
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
+        "image_mean": [float(x) for x in mean],
+        "image_std": [float(x) for x in std],
         "do_convert_rgb": True,
     }
     Path(folder).mkdir(parents=True, exist_ok=True)
-    (Path(folder) / "preprocessor_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (Path(folder) / PREPROCESSOR_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def read_image_settings(folder: str | Path) -> dict:

@@ -2,7 +2,7 @@
 
 report.json, schema "pgexport-bench/1" (times in seconds, sizes in bytes):
 
-    schema, created (UTC ISO time), machine (pgexport.measure.machine_info: CPU, cores, memory,
+    schema, created (UTC ISO time), machine (pgexport.bench.measure.machine_info: CPU, cores, memory,
         GPUs, library versions, ONNX Runtime providers), settings (model, provider, threads,
         images, new_tokens, repeats, data, inputs), notes [str], plots [file names],
     backends: {name: {
@@ -19,7 +19,7 @@ report.json, schema "pgexport-bench/1" (times in seconds, sizes in bytes):
         info: {...}}},
     recommendation: {backend, reason}
 
-    >>> from pgexport.bench_report import compare_reports
+    >>> from pgexport.bench.report import compare_reports
     >>> rows, regressions = compare_reports(json.load(open("old/report.json")), json.load(open("new/report.json")))  # doctest: +SKIP
 """
 
@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .measure import machine_info, markdown_table
+from pgexport.bench.measure import jsonable, machine_info, machine_markdown, markdown_table
+from pgexport.files import write_text_atomic
 
 SCHEMA = "pgexport-bench/1"
 # Accuracy gates against fp32 PyTorch (the project's quantization gates, README "Quantization"):
@@ -124,7 +125,6 @@ def markdown(report: dict) -> str:
         for row, r in zip(rows, report["backends"].values()):
             row.insert(7, _mb(r.get("peak_gpu_bytes")))
     table = markdown_table(headers, rows)
-    from .measure import machine_markdown
 
     lines = [
         f"# pgexport bench: {Path(s['model']).name}",
@@ -206,12 +206,6 @@ def plot(report: dict, out: Path) -> list[str]:
     return list(PLOTS)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(out: Path, results: dict, settings: dict, notes: list[str], plots: bool = True,
                  progress: Callable[[str], None] = print, machine: dict | None = None) -> dict:
     """Judge accuracy, pick the recommendation, and write report.json, report.md and the plots."""
@@ -227,11 +221,9 @@ def write_report(out: Path, results: dict, settings: dict, notes: list[str], plo
             report["plots"] = plot(report, out)
         except ImportError:
             report["notes"].append("plots skipped: matplotlib is not installed (pip install matplotlib)")
-    from .measure import _jsonable
-
-    report = _jsonable(report)  # NaN / inf -> null: report.json stays valid JSON
-    _write_atomic(out / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
-    _write_atomic(out / "report.md", markdown(report))
+    report = jsonable(report)  # NaN / inf -> null: report.json stays valid JSON
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(out / "report.md", markdown(report))
     progress(f"wrote {out / 'report.md'}, {out / 'report.json'}" + (f" and {len(report['plots'])} plots" if report["plots"] else ""))
     return report
 
@@ -280,7 +272,7 @@ def compare_reports(old: dict, new: dict, min_change: float = 0.02) -> tuple[lis
 
 def compare_files(old_path: str | os.PathLike, new_path: str | os.PathLike) -> tuple[str, list[str]]:
     """`pgexport bench --compare OLD NEW`: the Markdown table of changes and the regressions."""
-    from .errors import PgExportError
+    from pgexport.errors import PgExportError
 
     reports = []
     for p in (old_path, new_path):

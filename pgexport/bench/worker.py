@@ -1,9 +1,9 @@
 """One backend of `pgexport bench`, measured in a process of its own.
 
 A fresh process per backend gives each one a clean peak-RSS figure and an honest load time
-(nothing cached by an earlier backend). The parent (`pgexport.bench`) writes a JSON spec and runs
+(nothing cached by an earlier backend). The parent (`pgexport.bench.run`) writes a JSON spec and runs
 
-    python -m pgexport.bench_worker SPEC.json RESULT.json
+    python -m pgexport.bench.worker SPEC.json RESULT.json
 
 What is measured, batch 1, after one untimed warm-up pass:
 
@@ -14,7 +14,7 @@ What is measured, batch 1, after one untimed warm-up pass:
 
 Every input is passed `repeats` times. The decode steps are *teacher-forced* with the reference's
 greedy tokens, so all backends run the same sequence, and the same pass yields the logits that
-the accuracy figures compare with the fp32 reference (`exporters/validate.logit_quality`: top-1
+the accuracy figures compare with the fp32 reference (`pgexport.runtime.quality.logit_quality`: top-1
 agreement, mean KL, cosine). Greedy match: a backend's own greedy output equals the reference's
 exactly when its argmax agrees with the reference token at every position up to the reference's
 eos, which the teacher-forced logits tell without a second run.
@@ -30,7 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from .measure import Stats, current_rss_bytes, peak_rss_bytes
+from pgexport.bench.measure import Stats, current_rss_bytes, jsonable, peak_rss_bytes
+from pgexport.processing.processor import PaliGemmaProcessor
+from pgexport.runtime.quality import logit_quality
+from pgexport.train.dataset import read_jsonl
+from pgexport.train.evaluate import task_accuracy
 
 PROGRESS = "progress: "  # stderr lines the parent shows as they come
 
@@ -40,7 +44,7 @@ def _load(spec: dict) -> tuple[Any, Any, Any, dict]:
     backend, path, threads = spec["backend"], spec["path"], spec.get("threads")
     info: dict[str, Any] = {}
     if backend.startswith("onnx"):
-        from .runtime import OnnxPaliGemma
+        from pgexport.runtime.session import OnnxPaliGemma
 
         rt = OnnxPaliGemma(path, provider=spec.get("provider", "cpu"), threads=threads)
         info["providers"] = rt.providers
@@ -48,8 +52,9 @@ def _load(spec: dict) -> tuple[Any, Any, Any, dict]:
 
     import torch
 
-    from .api import load_model
-    from .models.generate import EagerStepper
+    from pgexport.eager.generate import generate_text
+    from pgexport.eager.loading import load_model, load_processor
+    from pgexport.models.generate import EagerStepper
 
     if threads:
         torch.set_num_threads(threads)
@@ -66,14 +71,10 @@ def _load(spec: dict) -> tuple[Any, Any, Any, dict]:
 
     class Runner:  # `generate(images, prompts, max_new_tokens)` for the task-accuracy scorer
         def __init__(self):
-            from .api import load_processor
-
             self.processor = load_processor(spec["processor"])
 
         def generate(self, images, prompts, max_new_tokens=32):
-            from .api import generate
-
-            return generate(model, self.processor, images, prompts, max_new_tokens=max_new_tokens)
+            return generate_text(model, self.processor, images, prompts, max_new_tokens=max_new_tokens)
 
     return (lambda: EagerStepper(model)), encode, Runner(), info
 
@@ -104,16 +105,14 @@ def timed_pass(encode, new_stepper, batch: dict, n_new: int, fed=None) -> tuple[
 
 
 def run(spec: dict) -> dict:
-    """Measure one backend; returns the JSON-able result (see `pgexport.bench` for the schema)."""
-    from .processor import PaliGemmaProcessor
-
+    """Measure one backend; returns the JSON-able result (see `pgexport.bench.run` for the schema)."""
     t0 = time.perf_counter()
     if spec["backend"].startswith("onnx"):  # importing the libraries is not the model's load time
-        from . import runtime  # noqa: F401
+        import pgexport.runtime.session  # noqa: F401
     else:
         import torch  # noqa: F401
 
-        from .models import generate  # noqa: F401
+        from pgexport.models import generate  # noqa: F401
     import_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     new_stepper, encode, runner, info = _load(spec)
@@ -166,8 +165,6 @@ def run(spec: dict) -> dict:
     }
     # Accuracy against the reference logits, on the same teacher-forced sequences.
     if reference is not None:
-        from .exporters.validate import logit_quality
-
         ref_logits = [reference[f"logits_{i}"] for i in range(len(inputs))]
         active, matches = [], []
         for i, ref in enumerate(ref_logits):
@@ -184,9 +181,6 @@ def run(spec: dict) -> dict:
         result["accuracy"] = {"top1_agreement": 1.0, "mean_kl": 0.0, "mean_cosine": 1.0, "greedy_match_rate": 1.0,
                               "reference": True}
     if spec.get("data"):
-        from .dataset import read_jsonl
-        from .exporters.quant_eval import task_accuracy
-
         records = read_jsonl(spec["data"])[: spec.get("examples", 200)]
         t = time.perf_counter()
         result["task_accuracy"] = task_accuracy(runner, records, batch_size=16, max_new_tokens=spec.get("task_new_tokens", 40))
@@ -208,9 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     result = run(spec)
     tmp = Path(argv[1] + ".tmp")
-    from .measure import _jsonable
-
-    tmp.write_text(json.dumps(_jsonable(result), indent=2, allow_nan=False) + "\n")
+    tmp.write_text(json.dumps(jsonable(result), indent=2, allow_nan=False) + "\n")
     tmp.replace(argv[1])
     return 0
 

@@ -1,6 +1,6 @@
 """int8 / int4 weights for the eager PyTorch model with optimum-quanto (`pgexport quantize`).
 
-    >>> from pgexport.quanto_backend import quantize_checkpoint, load_quantized
+    >>> from pgexport.eager.quanto import quantize_checkpoint, load_quantized
     >>> quantize_checkpoint("paligemma-3b-pt-224", "pg-int4", quant="int4")  # doctest: +SKIP
     >>> model = load_quantized("pg-int4")  # doctest: +SKIP
 
@@ -33,9 +33,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import types
 from pathlib import Path
 
-from .errors import PgExportError
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from pgexport.errors import PgExportError
+from pgexport.files import move_into_place, staging_folder
+from pgexport.models.checkpoint import load_checkpoint, read_config
+from pgexport.models.paligemma import PaliGemma
+from pgexport.processing.processor import PaliGemmaProcessor
 
 WEIGHTS_FILE = "quantized_model.safetensors"
 QMAP_FILE = "quantization_map.json"
@@ -75,10 +84,6 @@ def _allow_inference_mode(model) -> None:
     """quanto's packed int4 weights fail under `torch.inference_mode` (which the eager generation
     uses): "Cannot set version_counter for inference tensor" when the weight is transposed for the
     matmul. Such modules run their forward with inference mode off (and no_grad): same numbers."""
-    import types
-
-    import torch
-
     quanto = _quanto()
 
     def forward(self, x):
@@ -90,16 +95,17 @@ def _allow_inference_mode(model) -> None:
             module.forward = types.MethodType(forward, module)
 
 
-def quantize_checkpoint(model, out_dir: str | os.PathLike, quant: str = "int8", exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
-                        overwrite: bool = False, progress=None) -> Path:
-    """Quantize a checkpoint folder, preset or `PaliGemma` and write a quantized folder (see above).
+def quantize_checkpoint(model: PaliGemma | str | os.PathLike, out_dir: str | os.PathLike, quant: str = "int8",
+                        exclude: tuple[str, ...] = DEFAULT_EXCLUDE, overwrite: bool = False, processor=None,
+                        progress=None) -> Path:
+    """Quantize a checkpoint folder or a `PaliGemma` and write a quantized folder (see above).
 
-    Written to a temporary sibling folder and renamed into place at the end.
+    A folder's tokenizer and preprocessor files are copied as they are; for a model object they
+    come from `processor` (default: the presets' stand-in tokenizer). Written to a staging folder
+    and renamed into place at the end.
+
+    >>> quantize_checkpoint("paligemma-3b-pt-224", "pg-int8", quant="int8")  # doctest: +SKIP
     """
-    from safetensors.torch import save_file
-
-    from . import api
-
     say = progress or (lambda _m: None)
     if quant not in QUANTS:
         raise PgExportError(f"unknown quantization {quant!r}; choose int8 or int4")
@@ -107,22 +113,17 @@ def quantize_checkpoint(model, out_dir: str | os.PathLike, quant: str = "int8", 
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not overwrite)):
         raise PgExportError(f"{out_dir} exists and is not empty; choose another --out or remove it")
     quanto = _quanto()
-    spec = None
-    if isinstance(model, (str, os.PathLike)) or model is None:
-        spec = str(model or api.default_model())
-        if is_quantized_folder(spec):
-            raise PgExportError(f"{spec} is already quantized; quantize the float checkpoint instead")
-        say(f"loading {spec}")
-        processor = api.load_processor(spec)
-        model = api.load_model(spec, dtype="float32")
-    else:
-        processor = None
+    source = None
+    if isinstance(model, (str, os.PathLike)):
+        source = Path(model)
+        if is_quantized_folder(source):
+            raise PgExportError(f"{source} is already quantized; quantize the float checkpoint instead")
+        say(f"loading {source}")
+        model = load_checkpoint(source, dtype=torch.float32)
     say(f"quantizing the linear layers to {quant} (optimum-quanto)")
     quantize_model(model, quant, exclude)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     qmap = quanto.quantization_map(model)
-
-    from .staging import move_into_place, staging_folder
 
     tmp = staging_folder(out_dir)
     try:
@@ -130,12 +131,15 @@ def quantize_checkpoint(model, out_dir: str | os.PathLike, quant: str = "int8", 
                                                         "pgexport_quant": quant})
         (tmp / QMAP_FILE).write_text(json.dumps(qmap, indent=2, sort_keys=True) + "\n")
         model.cfg.to_json_file(tmp / "config.json")
-        if spec is not None and Path(spec).is_dir():
+        if source is not None:
             for name in COPY_FILES[1:]:
-                if (Path(spec) / name).is_file():
-                    shutil.copyfile(Path(spec) / name, tmp / name)
+                if (source / name).is_file():
+                    shutil.copyfile(source / name, tmp / name)
         if not any((tmp / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
-            _write_processor_files(processor, model.cfg, tmp)
+            cfg = model.cfg
+            processor = processor or PaliGemmaProcessor.stand_in(cfg.image_token_id, cfg.vision.image_size,
+                                                                 cfg.num_image_tokens)
+            processor.save_pretrained(tmp)
         move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -144,25 +148,8 @@ def quantize_checkpoint(model, out_dir: str | os.PathLike, quant: str = "int8", 
     return out_dir
 
 
-def _write_processor_files(processor, cfg, folder: Path) -> None:
-    """Tokenizer + preprocessor config for a preset or an in-memory model (the presets' tokenizer)."""
-    from .image import write_preprocessor_config
-    from .tokenizer import build_paligemma_tokenizer, save_tokenizer
-
-    tokenizer = processor.tokenizer if processor is not None else build_paligemma_tokenizer(cfg.image_token_id - 1152)
-    save_tokenizer(tokenizer, folder)
-    write_preprocessor_config(folder, cfg.vision.image_size, cfg.num_image_tokens)
-
-
 def load_quantized(folder: str | os.PathLike, device: str = "cpu"):
     """A quantized folder -> `PaliGemma` with quanto modules, built without float linear weights."""
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .models.checkpoint import read_config
-    from .models.paligemma import PaliGemma
-
     _quanto()
     from optimum.quanto.quantize import _quantize_submodule
 

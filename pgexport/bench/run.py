@@ -1,6 +1,6 @@
 """`pgexport bench`: latency, memory and accuracy of every backend, on the user's model and machine.
 
-    >>> from pgexport.bench import run_bench
+    >>> from pgexport.bench.run import run_bench
     >>> report = run_bench("path/to/checkpoint", backends=["torch", "onnx-int8"], out="bench-report")  # doctest: +SKIP
     >>> report["recommendation"]["backend"]  # doctest: +SKIP
     'onnx-int8'
@@ -22,14 +22,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .errors import PgExportError
-from .manifest import MANIFEST_FILE
+import numpy as np
+import onnxruntime
+
+from pgexport.bench.measure import machine_info
+from pgexport.bench.report import write_report
+from pgexport.bench.worker import PROGRESS
+from pgexport.bundled import default_model
+from pgexport.errors import PgExportError
+from pgexport.runtime.manifest import MANIFEST_FILE, read_manifest
+from pgexport.train.dataset import random_scene, read_jsonl, render, scene_tasks
 
 BACKENDS = ("torch", "torch-int8", "torch-int4", "onnx-fp32", "onnx-fp16", "onnx-int8", "onnx-int4")
 DEFAULT_BACKENDS = ("torch", "torch-int8", "onnx-fp32", "onnx-int8", "onnx-int4")
@@ -83,15 +92,17 @@ def prepare(model_dir: Path, backend: str, cache: Path, progress: Callable[[str]
         return target
     kind, _, quant = backend.partition("-")
     progress(f"{backend}: preparing {target} (first run; reused afterwards)")
+    # The eager side (torch) is imported only when a variant must be made: an export folder is
+    # measured without it.
     if kind == "onnx":
-        from .exporters.pipeline import export_folder
+        from pgexport.exporters.pipeline import export_folder
 
         # No export validation: the bench measures every variant's accuracy itself (and at 3B the
         # validation would hold the fp32 eager model beside the sessions).
         export_folder(str(model_dir), target, quant=quant, progress=lambda m: progress(f"  {m}"), overwrite=True,
                       validate=False, quant_options={"target": "cuda"} if cuda_quant else None)
     else:
-        from .quanto_backend import quantize_checkpoint
+        from pgexport.eager.quanto import quantize_checkpoint
 
         quantize_checkpoint(str(model_dir), target, quant=quant, overwrite=True, progress=lambda m: progress(f"  {m}"))
     return target
@@ -99,19 +110,13 @@ def prepare(model_dir: Path, backend: str, cache: Path, progress: Callable[[str]
 
 def _inputs(images: int, records: list | None, work: Path) -> list[dict]:
     """`images` (image, prompt) pairs: records spread over the labelled data when given (fewer if
-    it holds fewer), else synthetic shapes scenes (pgexport.dataset) with the dataset's caption,
+    it holds fewer), else synthetic shapes scenes (pgexport.train.dataset) with the dataset's caption,
     detection and question prompts in turn."""
     if records:
-        import numpy as np
-
         # evenly spread over the file, so that the prompts mix its tasks (a dataset lists each
         # image's tasks together)
         picks = sorted(set(np.linspace(0, len(records) - 1, min(images, len(records))).round().astype(int)))
         return [{"image": records[i].image, "prompt": records[i].prefix} for i in picks]
-    import numpy as np
-
-    from .dataset import random_scene, render, scene_tasks
-
     rng = np.random.default_rng(2024)
     out = []
     for i in range(images):
@@ -130,8 +135,6 @@ def _check_cuda(backends) -> None:
     """Fail before any export when --provider cuda cannot run here."""
     names = parse_backends(",".join(backends) if isinstance(backends, (list, tuple)) else backends)
     if any(b.startswith("onnx") for b in names):
-        import onnxruntime
-
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
             raise PgExportError("--provider cuda: this onnxruntime has no CUDAExecutionProvider; install "
                                 "onnxruntime-gpu, or leave the onnx-* backends out, or use --provider cpu")
@@ -148,9 +151,7 @@ def _run_worker(spec: dict, work: Path, progress: Callable[[str], None]) -> dict
     env = dict(os.environ)
     if spec.get("threads"):
         env["OMP_NUM_THREADS"] = str(spec["threads"])
-    from .bench_worker import PROGRESS
-
-    proc = subprocess.Popen([sys.executable, "-m", "pgexport.bench_worker", str(spec_path), str(result_path)],
+    proc = subprocess.Popen([sys.executable, "-m", "pgexport.bench.worker", str(spec_path), str(result_path)],
                             env=env, stderr=subprocess.PIPE, text=True)
     other: list[str] = []
     for line in proc.stderr:  # live progress; the rest is kept for the log
@@ -178,9 +179,8 @@ def run_bench(model: str | os.PathLike | None = None, backends: list[str] | None
     tokens each. `data`: a labelled JSONL (`pgexport dataset`) for task accuracy, scored on its
     first `examples` records. `reference`: the fp32 checkpoint an export folder is compared with.
     """
-    from .api import _not_found, default_model, init_checkpoint, is_folder_spec
-    from .models.config import PRESETS
-    from .bench_report import write_report
+    from pgexport.eager.loading import init_checkpoint, is_folder_spec, not_found
+    from pgexport.models.config import PRESETS
 
     if images < 1 or new_tokens < 2 or repeats < 1:
         raise PgExportError("--images and --repeats must be >= 1 and --new-tokens >= 2")
@@ -190,8 +190,6 @@ def run_bench(model: str | os.PathLike | None = None, backends: list[str] | None
         _check_cuda(backends)
     records = None
     if data is not None:
-        from .dataset import read_jsonl
-
         records = read_jsonl(data)  # a missing or malformed file fails here, before any variant is prepared
     spec_model = str(model or default_model())
     cache = Path(cache) if cache else default_cache()
@@ -201,7 +199,7 @@ def run_bench(model: str | os.PathLike | None = None, backends: list[str] | None
     if is_folder_spec(spec_model):
         folder = Path(spec_model)
     elif spec_model not in PRESETS:
-        raise _not_found(spec_model)
+        raise not_found(spec_model)
     else:  # a preset name: random weights, written once into the cache
         folder = cache / "presets" / spec_model
         if not (folder / "config.json").is_file():
@@ -210,8 +208,6 @@ def run_bench(model: str | os.PathLike | None = None, backends: list[str] | None
 
     is_export = (folder / MANIFEST_FILE).is_file()
     if is_export:
-        from .manifest import read_manifest
-
         m = read_manifest(folder)
         q = m.quantization
         plan = {f"onnx-{'int%d' % q['bits'] if isinstance(q, dict) else ('fp16' if m.dtype == 'float16' else 'fp32')}": folder}
@@ -233,8 +229,6 @@ def run_bench(model: str | os.PathLike | None = None, backends: list[str] | None
     if provider == "cuda" and any(b.startswith("onnx") for b in plan):
         notes.append("peak GPU memory is measured for PyTorch only (torch.cuda.max_memory_allocated); ONNX Runtime "
                      "exposes no per-session peak")
-
-    from .measure import machine_info
 
     machine = machine_info()  # at the start: memory available and load before the bench's own
     work = Path(tempfile.mkdtemp(prefix=".bench-", dir=out))
@@ -264,7 +258,5 @@ def run_bench(model: str | os.PathLike | None = None, backends: list[str] | None
                     "inputs": inputs, "cache": str(cache)}
         report = write_report(out, results, settings, notes, plots=plots, progress=progress, machine=machine)
     finally:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
     return report

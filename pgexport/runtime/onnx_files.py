@@ -21,7 +21,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from .errors import PgExportError
+import onnx
+from google.protobuf.message import DecodeError
+
+from pgexport.errors import PgExportError
+from pgexport.runtime.manifest import GRAPH_KEYS, read_manifest
 
 
 @dataclass(frozen=True)
@@ -39,9 +43,6 @@ class ExternalRef:
 
 def load_graph_proto(path: str | os.PathLike):
     """`onnx.load` without external data, turning a missing or corrupt file into one-line errors."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
     path = Path(path)
     if not path.is_file():
         raise PgExportError(f"ONNX file {path} is missing; re-export the folder (pgexport onnx ...)")
@@ -77,8 +78,6 @@ def _all_tensors(graph, top: bool = True):
 
 def external_refs(proto) -> list[ExternalRef]:
     """The externally stored tensors of a loaded `ModelProto` (external data not loaded)."""
-    import onnx
-
     refs = []
     for t, top in _all_tensors(proto.graph):
         if t.data_location != onnx.TensorProto.EXTERNAL:
@@ -141,8 +140,6 @@ def _dims(value_info) -> list:
 
 
 def _type_name(value_info) -> str:
-    import onnx
-
     elem = value_info.type.tensor_type.elem_type
     return onnx.TensorProto.DataType.Name(elem).lower() if elem else "?"
 
@@ -153,8 +150,6 @@ def describe_export(folder: str | os.PathLike) -> dict:
     Reads only the graph structure (no weights, no ONNX Runtime session); refuses external-data
     locations that leave the folder, like the runtime.
     """
-    from .manifest import GRAPH_KEYS, read_manifest
-
     folder = Path(folder)
     manifest = read_manifest(folder)
     graphs = {}

@@ -12,7 +12,7 @@ one answer. From each image come PaliGemma-style tasks:
     detect circle                           <loc0012><loc0034><loc0300><loc0321> circle ; ...
 
 Objects are listed in reading order (grid rows top to bottom, then left to right) in captions
-and detections, so every target is unique. Boxes use `pgexport.detection.encode_box`, the
+and detections, so every target is unique. Boxes use `pgexport.processing.detection.encode_box`, the
 format `parse_detections` reads.
 
 Everything is a pure function of the seed: `write_dataset(out, seed=0)` writes
@@ -38,8 +38,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .detection import encode_box, parse_detections
-from .errors import PgExportError
+from pgexport.processing.detection import encode_box, parse_detections
+from pgexport.errors import PgExportError
 
 IMAGE_SIZE = 224  # rendered side in pixels (the demo model resizes to 84)
 GRID = 3  # 3 x 3 cells, one shape per cell at most

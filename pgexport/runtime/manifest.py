@@ -23,12 +23,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import PgExportError
+from pgexport.errors import PgExportError
+from pgexport.files import write_text_atomic
 
 MANIFEST_FILE = "pgexport.json"
 FORMAT_VERSION = 1
@@ -202,17 +202,4 @@ def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> Path:
     d = manifest.to_dict()
     _validate(d, folder / MANIFEST_FILE)
     text = json.dumps(d, indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_FILE}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600
-        os.replace(tmp, folder / MANIFEST_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return folder / MANIFEST_FILE
+    return write_text_atomic(folder / MANIFEST_FILE, text)

@@ -5,7 +5,7 @@ one process*: the candidates are interleaved within each repeat (their order rot
 repeat to the next), warm-up runs are excluded, and results are reported as medians with a
 spread (p10/p90 and min/max) and as ratios of medians.
 
-    >>> from pgexport.measure import interleaved, progress
+    >>> from pgexport.bench.measure import interleaved, progress
     >>> runs = interleaved({"a": lambda: sum(range(1000)), "b": lambda: sum(range(2000))}, repeats=5)
     >>> runs["a"].stats.median < runs["b"].stats.median  # doctest: +SKIP
     True
@@ -36,6 +36,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+
+from pgexport.machine import cpu_flags
 
 _T0 = time.perf_counter()
 
@@ -270,17 +272,6 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return sorted(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16") if f in have)
-    except OSError:
-        pass
-    return []
-
-
 def _meminfo_kb(key: str) -> int | None:
     try:
         m = re.search(rf"^{key}:\s+(\d+)\s+kB", Path("/proc/meminfo").read_text(), re.M)
@@ -321,7 +312,7 @@ def machine_info(extra_packages: Iterable[str] = ()) -> dict[str, Any]:
     """CPU, cores, threads, memory, load, library versions and the repository's commit."""
     info: dict[str, Any] = {
         "cpu_model": _cpu_model(),
-        "cpu_flags": _cpu_flags(),
+        "cpu_flags": cpu_flags(),
         "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "mem_total_gib": round(gib((_meminfo_kb("MemTotal") or 0) * 1024), 2),
@@ -381,13 +372,13 @@ def fmt_stats_ms(s: Stats, digits: int = 1) -> str:
     return f"{fmt_ms(s.median, digits)} ({fmt_ms(s.p10, digits)}-{fmt_ms(s.p90, digits)})"
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
     if isinstance(x, Stats):
         return x.to_dict()
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
         return None
     if hasattr(x, "item") and callable(x.item):  # numpy / torch scalars
@@ -405,6 +396,6 @@ def write_results(out: str | Path, data: dict[str, Any], markdown: str) -> tuple
         out = out.with_suffix("")
     out.parent.mkdir(parents=True, exist_ok=True)
     jpath, mpath = out.with_name(out.name + ".json"), out.with_name(out.name + ".md")
-    jpath.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
+    jpath.write_text(json.dumps(jsonable(data), indent=2) + "\n")
     mpath.write_text(markdown.rstrip() + "\n")
     return jpath, mpath

@@ -1,6 +1,6 @@
 """Fine-tuning recipe: prefix-LM loss on the suffix, AdamW, warm-up + cosine, resumable.
 
-    >>> from pgexport.finetune import TrainConfig, finetune
+    >>> from pgexport.train.finetune import TrainConfig, finetune
     >>> finetune("paligemma-tiny", "shapes/train.jsonl", "out", val_data="shapes/val.jsonl",
     ...          config=TrainConfig(epochs=1, lr=1e-3, batch_size=8))  # doctest: +SKIP
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -42,8 +43,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .dataset import Example, read_jsonl, score
-from .errors import PgExportError
+from pgexport.eager.generate import generate_text
+from pgexport.eager.loading import load_model, load_processor, resolve_device
+from pgexport.errors import PgExportError
+from pgexport.files import move_into_place, staging_folder
+from pgexport.machine import cpu_flags
+from pgexport.models.checkpoint import load_checkpoint, save_checkpoint
+from pgexport.processing.image import preprocess_images
+from pgexport.train.dataset import Example, read_jsonl, score
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.json"
@@ -152,8 +159,6 @@ def collate(processor, records: list[Example], device) -> dict[str, torch.Tensor
     batch = processor(images=[paths[0]], prompts=[r.prefix for r in records],
                       suffixes=[r.suffix for r in records], padding_side="right", return_tensors="pt")
     if len(paths) > 1:
-        from .image import preprocess_images
-
         batch["pixel_values"] = torch.from_numpy(preprocess_images(paths, processor.image_size, processor.mean,
                                                                    processor.std, processor.resample))
     else:
@@ -185,9 +190,7 @@ def native_bf16(device: torch.device) -> bool:
     benchmarks/bench_train_step.py)."""
     if device.type == "cuda":
         return True
-    from .measure import _cpu_flags
-
-    return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16"} & set(_cpu_flags()))
+    return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags()))
 
 
 def training_loss(model, batch: dict[str, torch.Tensor], autocast: bool) -> torch.Tensor:
@@ -220,8 +223,6 @@ def evaluate(model, processor, records: list[Example], batch_size: int = 32, max
              return_predictions: bool = False):
     """Greedy-decode every record and score it: exact match per question/caption task, mean IoU
     for `detect`. Returns {task: score, "exact_match": mean over non-detect, "detect_iou": ...}."""
-    from .api import generate
-
     was_training = model.training
     model.eval()
     by_task: dict[str, list[float]] = {}
@@ -230,7 +231,7 @@ def evaluate(model, processor, records: list[Example], batch_size: int = 32, max
     order = sorted(range(len(records)), key=lambda i: (records[i].task, i))
     for start in range(0, len(order), batch_size):
         chunk = [records[i] for i in order[start:start + batch_size]]
-        texts = generate(model, processor, [r.image for r in chunk], [r.prefix for r in chunk], max_new_tokens=max_new_tokens)
+        texts = generate_text(model, processor, [r.image for r in chunk], [r.prefix for r in chunk], max_new_tokens=max_new_tokens)
         for r, text in zip(chunk, texts):
             by_task.setdefault(r.task, []).append(score(r.task, text, r.suffix))
             predictions.append((r, text))
@@ -257,10 +258,6 @@ def spread_subset(records: list[Example], n: int) -> list[Example]:
 def save_training_state(folder: Path, model, optimizer, named, step: int, total_steps: int, cfg: TrainConfig,
                         extra: dict | None = None) -> None:
     """Write a resumable checkpoint into `folder` (replaced atomically)."""
-    from .models.checkpoint import save_checkpoint
-
-    from .staging import move_into_place, staging_folder
-
     tmp = staging_folder(folder)
     try:
         save_checkpoint(model, tmp)
@@ -312,14 +309,9 @@ def finetune(model, data: str | Path | list[Example], out: str | Path, val_data=
     schedule still spans the full run), for training in several sittings; the model folder is
     then not written and the result has `"stopped": True`.
     """
-    from .api import _resolve_device, load_model, load_processor
-    from .image import write_preprocessor_config
-    from .models.checkpoint import load_checkpoint, save_checkpoint
-    from .tokenizer import save_tokenizer
-
     cfg = config or TrainConfig()
     out = Path(out)
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     train = data if isinstance(data, list) else read_jsonl(data)
     val = (val_data if isinstance(val_data, list) else read_jsonl(val_data)) if val_data is not None else None
     if processor is None:
@@ -397,9 +389,15 @@ def finetune(model, data: str | Path | list[Example], out: str | Path, val_data=
     finally:
         log.close()
     # The finished model, Hugging Face layout.
-    save_checkpoint(model, out, max_shard_bytes=2 << 30)
-    save_tokenizer(processor.tokenizer, out)
-    write_preprocessor_config(out, processor.image_size, processor.num_image_tokens)
+    # Written beside the training files, each renamed into `out` only once all are complete.
+    tmp = staging_folder(out / "model")
+    try:
+        save_checkpoint(model, tmp, max_shard_bytes=2 << 30)
+        processor.save_pretrained(tmp)
+        for path in sorted(tmp.iterdir()):
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     (out / "train_metrics.json").write_text(json.dumps({"step": total, "final_loss": loss_value, "metrics": metrics,
                                                        "config": cfg.to_json()}, indent=2) + "\n")
     seconds = time.time() - t0

@@ -30,11 +30,9 @@ from types import SimpleNamespace
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers.processors import TemplateProcessing
 
-from .errors import PgExportError
+from pgexport.errors import PgExportError
+from pgexport.vocab import NUM_LOC_TOKENS, NUM_SEG_TOKENS
 
-# Copied from models/config.py (this module must not import the torch side of the package).
-NUM_LOC_TOKENS = 1024
-NUM_SEG_TOKENS = 128
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0, 1, 2, 3 as in Gemma
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]  # byte fallback for any character

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import PgExportError
-from .image import preprocess_images, read_image_settings
-from .tokenizer import IMAGE_TOKEN, load_tokenizer
+from pgexport.errors import PgExportError
+from pgexport.processing.image import preprocess_images, read_image_settings, write_preprocessor_config
+from pgexport.processing.tokenizer import IMAGE_TOKEN, build_paligemma_tokenizer, load_tokenizer, save_tokenizer
+from pgexport.vocab import base_vocab_size
 
 
 class PaliGemmaProcessor:
@@ -64,6 +65,17 @@ class PaliGemmaProcessor:
                             or (image_size // vision.get("patch_size", 14)) ** 2)
         return cls(load_tokenizer(folder), image_size, num_image_tokens,
                    settings["mean"], settings["std"], settings["resample"])
+
+    @classmethod
+    def stand_in(cls, image_token_id: int, image_size: int, num_image_tokens: int) -> PaliGemmaProcessor:
+        """The processor of the presets: the small stand-in tokenizer, laid out for a vocabulary
+        whose `<image>` id is `image_token_id` (see `pgexport.vocab`)."""
+        return cls(build_paligemma_tokenizer(base_vocab_size(image_token_id)), image_size, num_image_tokens)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write the tokenizer files and `preprocessor_config.json` (Hugging Face layout)."""
+        save_tokenizer(self.tokenizer, folder)
+        write_preprocessor_config(folder, self.image_size, self.num_image_tokens, self.mean, self.std, self.resample)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids

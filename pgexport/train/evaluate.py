@@ -1,16 +1,19 @@
 """Task-level accuracy of an export against the eager model (quantization gates on real data).
 
-    >>> from pgexport.exporters.quant_eval import task_accuracy, teacher_forced_agreement
+    >>> from pgexport.train.evaluate import task_accuracy, teacher_forced_agreement
     >>> task_accuracy(OnnxPaliGemma("exports/demo-int4"), records)  # doctest: +SKIP
     {'caption': 0.98, ..., 'exact_match': 0.95, 'detect_iou': 0.81}
 
-`records` are `pgexport.dataset.Example`s (e.g. `read_jsonl("shapes/test.jsonl")`). Used by
+`records` are `pgexport.train.dataset.Example`s (e.g. `read_jsonl("shapes/test.jsonl")`). Used by
 `benchmarks/eval_quant_demo.py` and the demo-model gates of `tests/test_quantize.py`.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from pgexport.runtime.quality import logit_quality
+from pgexport.train.dataset import score
 
 # The demo-model gates' test set (tests/test_quantize.py, benchmarks/eval_quant_demo.py): the
 # shapes dataset of this seed, as many images. Its first 100 are the demo's held-out set
@@ -22,10 +25,8 @@ DEMO_EVAL_IMAGES = 500
 
 def task_accuracy(rt, records, batch_size: int = 64, max_new_tokens: int = 40) -> dict:
     """Greedy outputs of `rt` (anything with `generate(images, prompts, max_new_tokens)`, e.g.
-    `OnnxPaliGemma`) scored like `pgexport.finetune.evaluate`: {task: score, "exact_match": mean
+    `OnnxPaliGemma`) scored like `pgexport.train.finetune.evaluate`: {task: score, "exact_match": mean
     over the non-detect examples, "detect_iou": mean IoU of the detect examples}."""
-    from pgexport.dataset import score
-
     by_task: dict[str, list[float]] = {}
     order = sorted(range(len(records)), key=lambda i: (records[i].task, i))
     for start in range(0, len(order), batch_size):
@@ -62,8 +63,6 @@ def teacher_forced_logits(stepper, processor, records, eos: int, pad: int, batch
 def teacher_forced_agreement(reference_stepper, stepper, processor, records, eos: int, pad: int) -> dict:
     """`logit_quality` (top-1 agreement, KL, cosine) of `stepper` against `reference_stepper`, both
     fed the prompt and then every gold answer token (eos included)."""
-    from .validate import logit_quality
-
     ref = teacher_forced_logits(reference_stepper, processor, records, eos, pad)
     got = teacher_forced_logits(stepper, processor, records, eos, pad)
     ref_l, got_l, act = [], [], []
