@@ -507,12 +507,11 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch, export_pg1):
     """An exception or Ctrl-C part way (after the graphs are written) leaves no out_dir, no
     temporary folder, and an existing folder being replaced untouched."""
     model = export_pg1[0]
-    _, onnx_export = pipeline._export_onnx()
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "_export_onnx", lambda: (copying_export_onnx(export_pg1[2]), onnx_export))
+    monkeypatch.setattr(pipeline, "export_onnx", copying_export_onnx(export_pg1[2]))
     monkeypatch.setattr(pipeline, "_write_tokenizer", boom)
     out = tmp_path / "exports" / "interrupted"
     with pytest.raises(KeyboardInterrupt):
@@ -531,7 +530,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch, export_pg1):
         (Path(folder) / "vision_encoder.onnx").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "_export_onnx", lambda: (half_written, onnx_export))
+    monkeypatch.setattr(pipeline, "export_onnx", half_written)
     with pytest.raises(KeyboardInterrupt):
         export_folder(model, old, progress=None, validate=False, overwrite=True)
     assert sorted((p.name, p.stat().st_size) for p in old.iterdir()) == before
@@ -546,8 +545,7 @@ def test_failed_validation_keeps_the_folder_and_says_so(tmp_path, monkeypatch, e
     from pgexport.exporters import validate
 
     monkeypatch.setitem(validate.TOLERANCE, "float32", -1.0)  # nothing can pass
-    _, onnx_export = pipeline._export_onnx()
-    monkeypatch.setattr(pipeline, "_export_onnx", lambda: (copying_export_onnx(export_pg1[2]), onnx_export))
+    monkeypatch.setattr(pipeline, "export_onnx", copying_export_onnx(export_pg1[2]))
     out = tmp_path / "strict"
     with pytest.raises(pipeline.ExportValidationError) as e:
         export_folder(export_pg1[0], out, progress=None, threads=1, max_new_tokens=4)
