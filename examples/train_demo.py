@@ -34,13 +34,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pgexport.models import PaliGemma
+from pgexport.models.checkpoint import save_checkpoint
+from pgexport.processing.image import preprocess_images
+from pgexport.processing.processor import PaliGemmaProcessor
+from pgexport.processing.tokenizer import build_paligemma_tokenizer
 from pgexport.train.dataset import COLOURS, SHAPES, cell_labels, cell_pooling, make_examples, read_jsonl, render, write_dataset
 from pgexport.train.demo import DEMO_BASE_VOCAB, DEMO_DIR, demo_config
 from pgexport.train.finetune import TrainConfig, evaluate, finetune, native_bf16
-from pgexport.processing.image import preprocess_images
-from pgexport.models import PaliGemma
-from pgexport.processing.processor import PaliGemmaProcessor
-from pgexport.processing.tokenizer import build_paligemma_tokenizer
 
 TEST_SEED = 1234  # the fresh test set: another seed than the training data
 
@@ -88,9 +89,9 @@ def pretrain_vision_(model: PaliGemma, seed: int, num_images: int, steps: int, b
       cell holds (nothing or one of the four shapes; nothing or one of the six colours) and the
       shape's box (x0, y0, x1, y1 in [0, 1], L1 loss, where there is a shape);
     * per token: its own row and column in the patch grid, so the output tokens keep where they
-      are (the decoder reads positions from them). Measured: with the tower frozen afterwards,
-      "where is ...?" stayed at ~0.70 on validation with or without this target; training the
-      tower again in stage 2 is what fixed it, so this target is a cheap precaution, not a cure.
+      are (the decoder reads positions from them). With the tower frozen afterwards, "where
+      is ...?" answers did not improve with or without this target; training the tower again in
+      stage 2 is what fixed them, so this target is a cheap precaution, not a cure.
     The scenes are the training split's (regenerated from the seed: the same pixels as the PNGs).
     Returns the last step's figures."""
     tower = model.vision_tower
@@ -222,8 +223,6 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     run = work / "run"
     if args.dtype != "float32":
-        from pgexport.models.checkpoint import save_checkpoint
-
         save_checkpoint(model.to(getattr(torch, args.dtype)), out)  # exact: the values are already rounded
     else:
         for name in ("config.json", "model.safetensors"):

@@ -42,15 +42,11 @@ needs fp32: RMSNorm (computed in fp32 by the model), attention scores, soft-caps
 float32 in every export. `pixel_values` is float32 too; `image_features` and the KV cache are fp16.
 ONNX Runtime's CPU execution provider runs fp16 graphs, but on x86 it has no fp16 kernels for
 MatMul, Gemm, Softmax and the elementwise ops: it inserts Casts and computes them in fp32, and
-converts the fp16 weights to fp32 copies when a session loads (a 3B fp16 prefill session holds
-~8.8 GiB; the files are half the fp32 size). So on CPU an fp16 export saves disk and download,
-not memory or time; it is meant for GPU providers. Its CPU outputs are within fp16 rounding of
-eager fp32 (tests/test_onnx_export.py; 3B: first-token logits within 0.01 of eager fp32, same
-argmax).
-
-Measured at the 3B geometry on a 2-core, 24 GB machine (benchmarks/results/onnx_fp32.md): fp32
-export 82-150 s with 2.5 GiB peak RSS (0.23x the 10.9 GiB of weights), fp16 export 71 s with
-3.7 GiB peak.
+converts the fp16 weights to fp32 copies when a session loads (the files are half the fp32
+size, the session's memory is not). So on CPU an fp16 export saves disk and download, not memory
+or time; it is meant for GPU providers. Its CPU outputs are within fp16 rounding of eager fp32
+(tests/test_onnx_export.py). Export time and peak memory at the 3B geometry:
+benchmarks/results/onnx_fp32.md.
 """
 
 from __future__ import annotations
@@ -104,10 +100,10 @@ def export_onnx(
     the dtype of the exported weights and graphs ("float32" or "float16"), whatever the dtype the
     weights come in. `ort_fusions=True` fuses the fp32 vision encoder's attention and LayerNorms
     into ONNX Runtime's `com.microsoft` Attention / SkipLayerNormalization ops (outputs within
-    1e-5 of the unfused graph; on CPU within the measurement noise, 1-6% faster, so off by
-    default: the files then hold standard ONNX ops only). The decoder graphs are never fused: the
-    fusions that apply there (MultiHeadAttention, SkipSimplifiedLayerNormalization) made prefill
-    and decode 2-3% slower on CPU, and ONNX Runtime fuses the RMSNorms itself at load time.
+    1e-5 of the unfused graph; on CPU no faster beyond the measurement noise, so off by default:
+    the files then hold standard ONNX ops only). The decoder graphs are never fused: the fusions
+    that apply there (MultiHeadAttention, SkipSimplifiedLayerNormalization) made prefill and
+    decode slower on CPU, and ONNX Runtime fuses the RMSNorms itself at load time.
 
     The returned dict has `out_dir`, `files` {name: bytes}, `total_bytes`, `param_bytes` (the
     source's parameters at the dtype they are stored in), `fp32_param_bytes`, `size_ratio`

@@ -191,10 +191,9 @@ class GraphQuantizer:
         `uses`: value name -> the nodes reading it) whose only consumer adds a float
         vector of its output width (SigLIP's and the projector's biases). DynamicQuantizeMatMul
         takes that bias as an input; left as an Add, it costs a pass over the output, and ONNX
-        Runtime then fuses it into the tanh-Gelu that follows fc1 (FastGelu), which ran slower
-        here than the plain Gelu (int8 vision encoder, 3B geometry: 351.9 vs 341.3 ms folded;
-        quantize_dynamic's graph 339.2 ms, whose bias ONNX Runtime folds into
-        MatMulIntegerToFloat)."""
+        Runtime then fuses it into the tanh-Gelu that follows fc1 (FastGelu), which runs slower on
+        the CPU than the plain Gelu (quantize_dynamic's graphs avoid it the same way: ONNX Runtime
+        folds their bias into MatMulIntegerToFloat)."""
 
         outputs = {o.name for o in graph.output}
         found = {}

@@ -1,7 +1,7 @@
 """Check an export folder against the eager PyTorch model it came from; writes `export_report.json`.
 
 The sample is the bundled image (and its mirror image) with two prompts of different lengths, so
-the batch of 2 is left-padded. Measured:
+the batch of 2 is left-padded. The report holds:
 
 * `vision_max_abs_diff`: image features, ONNX vs eager;
 * `prefill_logits_max_abs_diff`, `decode_logits_max_abs_diff` (per step): next-token logits,

@@ -66,8 +66,8 @@ def attention(
     and the soft-cap, mask and softmax run in fp32 (an fp16 softmax is what an exported fp16 SDPA
     would otherwise compute). Training on the CPU also takes the explicit path while the scores
     are small (S x T <= EXPLICIT_MAX_SCORES): there PyTorch's SDPA picks its flash kernel, whose
-    backward was 3.7x slower than matmul-softmax-matmul at the demo model's shapes (bf16,
-    [64, 4, 84, 32]; a whole training step 1.46x faster, benchmarks/bench_train_step.py). Longer sequences keep SDPA, which does
+    CPU backward is much slower than matmul-softmax-matmul at such shapes
+    (benchmarks/bench_attention.py, bench_train_step.py). Longer sequences keep SDPA, which does
     not store the [S, T] probabilities of every head for the backward pass.
     """
     B, H, S, Dh = q.shape

@@ -56,8 +56,7 @@ def set_omp_wait_policy(argv: Sequence[str], default: str = "passive") -> str:
     scripts call it at the top, under `if __name__ == "__main__"`. Without the flag an
     `OMP_WAIT_POLICY` already in the environment is kept, else `default` applies. On a shared
     machine the ACTIVE (spinning) policy of libgomp lets idle OpenMP workers take cores from the
-    main thread; we measured a ~1.5x slower decode with 2 threads and two other busy processes,
-    and the penalty lands on arbitrary small ops. PASSIVE removes that artefact.
+    main thread, and the penalty lands on arbitrary small ops. PASSIVE removes that artefact.
     Returns the policy in effect ("default" = the runtime's own).
     """
     policy = None
@@ -128,12 +127,17 @@ def ratio(a: float, b: float) -> float:
 
 
 # --------------------------------------------------------------------------- memory
-def _status_kb(field_name: str) -> int | None:
+def _proc_kb(path: str, key: str) -> int | None:
+    """A `KEY:   N kB` line of a /proc file (None where it cannot be read)."""
     try:
-        m = re.search(rf"^{field_name}:\s+(\d+)\s+kB", Path("/proc/self/status").read_text(), re.M)
+        m = re.search(rf"^{key}:\s+(\d+)\s+kB", Path(path).read_text(), re.M)
         return int(m.group(1)) if m else None
     except OSError:
         return None
+
+
+def _status_kb(field_name: str) -> int | None:
+    return _proc_kb("/proc/self/status", field_name)
 
 
 def current_rss_bytes() -> int:
@@ -218,8 +222,7 @@ def interleaved(
     Repeat r runs the candidates in an order rotated by r, so that neither always goes first
     (caches, turbo states and the neighbours' load then affect both alike). Each call's result is
     kept in `Run.result` unless `keep_results=False`: keeping large outputs makes every later call
-    fault in fresh pages for its own (benchmarks/bench_matmul_kernels.py: 17 MB outputs kept
-    turned a 25 ms ONNX Runtime call into 34 ms).
+    fault in fresh pages for its own, which the timing then includes.
     """
     names = list(candidates)
     out = {n: Measurement(n, [], []) for n in names}
@@ -273,11 +276,7 @@ def _cpu_model() -> str:
 
 
 def _meminfo_kb(key: str) -> int | None:
-    try:
-        m = re.search(rf"^{key}:\s+(\d+)\s+kB", Path("/proc/meminfo").read_text(), re.M)
-        return int(m.group(1)) if m else None
-    except OSError:
-        return None
+    return _proc_kb("/proc/meminfo", key)
 
 
 def _git(repo: Path) -> dict[str, Any]:

@@ -22,28 +22,27 @@ batching):
 
 Memory. prefill.onnx and decode.onnx share one data file (`decoder.onnx.data`). Opened the usual
 way, each ONNX Runtime session reads it into its own memory and then *prepacks* the MatMul
-weights (a blocked copy for its GEMM kernels), so a loaded fp32 export holds about 3x its weight
-bytes. `share_weights` chooses:
+weights (a blocked copy for its GEMM kernels), so a loaded fp32 export holds its weights about
+three times. `share_weights` chooses:
 
 * `True` (default) = `"buffers"` on CPU: each data file is memory-mapped once and handed to the
   sessions (`add_external_initializers_from_files_in_memory` with
   `session.use_external_initializer_file_buffers_directly=1`), prepacking off
   (`session.disable_prepacking=1`): one physical, file-backed copy of the weights (the page
   cache's, shared with other processes that map the same folder). The price: the GEMMs pack the
-  weights on the fly. Measured (fp32, hidden 512, 4 layers, 1 thread): decode at batch 1 as fast
-  (a GEMV needs no packing), at batch 4 ~1.7x slower, prefill ~1.4x slower.
+  weights on the fly, which costs nothing for a batch-1 decode (a GEMV needs no packing) and
+  slows batched decode and prefill (docs/onnx-export.md has the figures).
 * `True` = `"initializers"` on CUDA: each decoder weight is uploaded to the GPU once and the same
   device buffer is given to both sessions (`add_initializer`). (On CPU, `"initializers"` makes one
   private in-memory copy shared the same way, prepacking off.)
-* `False`: ONNX Runtime loads each graph itself and prepacks (fastest on CPU, ~3x the memory).
+* `False`: ONNX Runtime loads each graph itself and prepacks (fastest on CPU, three copies).
 
 Weight-quantized exports (`quantization.bits` in the manifest) keep prepacking on in every mode:
-the MatMulNBits and DynamicQuantizeMatMul CPU kernels need their prepacked weights (measured,
-hidden 512, 1 thread: decode 55-130 ms per token without, 1-2 ms with). Their "buffers" mode
-still maps each data file once; each decoder session then holds its own packed copy of the
-(4-8x smaller) quantized weights, so a loaded quantized export holds about 3x its weight bytes
-(measured: int8 24.6 MiB of weights -> +73 MiB resident over the runtime's own ~70 MiB; fp32
-96 MiB -> +97 MiB), still well under an fp32 export's footprint.
+the MatMulNBits and DynamicQuantizeMatMul CPU kernels fall back to dequantizing the whole
+weight on every call without their prepacked weights. Their "buffers" mode still maps each data
+file once; each decoder session then holds its own packed copy of the (smaller) quantized
+weights, so a loaded quantized export holds its weights about three times, still well under an
+fp32 export's footprint.
 
 Thread safety: sessions are shared, per-call state (KV cache, mask) lives in each call, so
 `generate` may be called from several threads at once.
@@ -91,7 +90,7 @@ class OnnxPaliGemma:
         threads: intra-op threads per session (None: ONNX Runtime's default, one per core).
         share_weights: True (default): one copy of the weights for all sessions ("buffers":
             memory-mapped files on CPU, prepacking off; "initializers" on CUDA); False: ONNX
-            Runtime copies and prepacks per session (faster CPU decode, ~3x the memory).
+            Runtime copies and prepacks per session (faster CPU decode, a copy per session).
         device_id: CUDA device index.
         log_level: ONNX Runtime log severity (0 verbose .. 4 fatal; default 3, errors only).
     """
@@ -114,7 +113,8 @@ class OnnxPaliGemma:
         self._device = ("cuda", device_id) if self.provider == "cuda" else ("cpu", 0)
         m = self.manifest
         # Weight-quantized exports (pgexport onnx --quant int8|int4) keep prepacking on: without their
-        # prepacked weights the MatMulNBits / DynamicQuantizeMatMul CPU kernels are 30-100x slower.
+        # prepacked weights the MatMulNBits / DynamicQuantizeMatMul CPU kernels dequantize the
+        # whole weight on every call.
         self.quantized = isinstance(m.quantization, dict)
         if self.quantized and self.provider == "cuda" and m.quantization.get("int8_format") == "dynamic":
             import warnings

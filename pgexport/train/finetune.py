@@ -186,8 +186,7 @@ def batch_order(records: list[Example], batch_size: int, seed: int, epoch: int, 
 
 def native_bf16(device: torch.device) -> bool:
     """CUDA, or a CPU whose instructions compute in bf16 (AVX512-BF16 or AMX): there bf16 autocast
-    is faster (measured 2.0x per training step of the demo model on an AVX512-BF16 CPU,
-    benchmarks/bench_train_step.py)."""
+    is faster than fp32 (benchmarks/bench_train_step.py measures by how much)."""
     if device.type == "cuda":
         return True
     return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags()))
