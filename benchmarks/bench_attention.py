@@ -35,14 +35,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    fmt_stats_ms,
-    interleaved,
-    machine_info,
-    machine_markdown,
-    markdown_table,
-    progress,
-    ratio,
-    write_results,
+    command_line, fmt_stats_ms, interleaved, machine_info, machine_markdown, markdown_table, progress, ratio,
+    save_results,
 )
 
 
@@ -105,7 +99,7 @@ def main(argv=None) -> int:
     md = "\n".join([
         "# Prefill attention, one decoder layer",
         "",
-        f"`python benchmarks/bench_attention.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+        f"`{command_line('bench_attention.py').strip()}`",
         "",
         f"`{args.preset}` decoder attention: {H} heads, {Hkv} KV heads, head_dim {D}; fp32, batch 1, whole prompt is "
         f"prefix (bidirectional); static buffer T = S + {args.new_tokens}; {args.threads} threads; interleaved repeats.",
@@ -114,9 +108,7 @@ def main(argv=None) -> int:
         "",
         "## Machine", "", machine_markdown(results["machine"]),
     ])
-    jpath, mpath = write_results(args.out, results, md)
-    progress(f"wrote {jpath} and {mpath}")
-    print(md)
+    save_results(args.out, results, md, echo=True)
     return 0
 
 

@@ -51,12 +51,7 @@ from collections import defaultdict  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    fmt_stats_ms,
-    interleaved,
-    machine_markdown,
-    markdown_table,
-    progress,
-    timed_call,
+    export_folders, fmt_stats_ms, interleaved, machine_markdown, markdown_table, ort_session, progress, timed_call,
     write_report,
 )
 
@@ -89,13 +84,7 @@ def decode_feeds(session, past: int) -> dict:
 
 
 def session(folder: Path, threads: int, profile_prefix: str | None = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    if profile_prefix:
-        so.enable_profiling, so.profile_file_prefix = True, profile_prefix
-    return ort.InferenceSession(str(folder / "decode.onnx"), so, providers=["CPUExecutionProvider"])
+    return ort_session(folder / "decode.onnx", threads, profile_prefix)
 
 
 def listed_bytes(shapes: list[dict]) -> int:
@@ -185,12 +174,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bandwidth-gib", type=float, default=1.0, help="GiB read to measure the bandwidth")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
-    folders = [Path(f) for f in args.folders]
-    for f in folders:
-        if not (f / "decode.onnx").is_file():
-            ap.error(f"{f} has no decode.onnx: pass export folders (pgexport onnx --out DIR)")
-    if len({f.name for f in folders}) != len(folders):
-        ap.error("folders must have different names (they label the results)")
+    folders = export_folders(ap, args.folders, "decode.onnx")
 
     progress(f"read bandwidth over {args.bandwidth_gib} GiB ...")
     bandwidth = read_bandwidth(args.bandwidth_gib)

@@ -1,10 +1,11 @@
 """Our eager PaliGemma against transformers' `PaliGemmaForConditionalGeneration`, same weights.
 
-Both models hold the *same* random fp32 tensors (ours is built on the meta device and its
-parameters are assigned the transformers model's tensors, so the weights exist once in memory)
-at the geometry of a preset (default `paligemma-3b-pt-224`) with a reduced number of decoder
-(and optionally vision) layers, because two fp32 3B models would not fit in the machine's memory
-otherwise. Widths, vocabulary and image size are the preset's.
+Both models hold the *same* random fp32 tensors (ours gets seeded random weights as `pgexport
+init` writes them; transformers' model is built without initialising its parameters and given
+ours' tensors, so the weights exist once in memory) at the geometry of a preset (default
+`paligemma-3b-pt-224`) with a reduced number of decoder (and optionally vision) layers, because
+two fp32 3B models would not fit in the machine's memory otherwise. Widths, vocabulary and image
+size are the preset's.
 
 Stages, each timed side by side (interleaved, warm-up excluded), under torch.inference_mode:
 
@@ -57,158 +58,38 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    Stats,
-    current_rss_bytes,
-    timed_call,
-    fmt_ms,
-    fmt_stats_ms,
-    gib,
-    interleaved,
-    machine_info,
-    machine_markdown,
-    markdown_table,
-    peak_rss_bytes,
-    profile_table,
-    progress,
-    ratio,
-    write_results,
+    HFRunner, OursRunner, Stats, command_line, current_rss_bytes, fmt_ms, fmt_stats_ms, generation_runs, gib,
+    machine_info, machine_markdown, markdown_table, peak_rss_bytes, profile_table, progress, random_inputs, ratio,
+    reduced_config, save_results, transformers_sharing,
 )
 
 OURS, HF = "ours", "transformers"
+STAGES = ("vision", "prefill", "decode")
+METHODS = {
+    "vision": "ours encode_image vs transformers get_image_features().pooler_output",
+    "prefill": "ours EagerStepper.prefill (static cache) vs transformers forward(pixel_values, token_type_ids=0, "
+               "DynamicCache, logits_to_keep=1); both include vision and argmax",
+    "decode": "ours EagerStepper.decode vs transformers forward(1 token, DynamicCache, growing ones mask, "
+              "logits_to_keep=1); greedy, each step timed",
+}
 
 
 # --------------------------------------------------------------------------- models
 def build_models(preset: str, text_layers: int, vision_layers: int, attn: str, seed: int):
-    """(cfg, ours, hf): transformers model with cheap random weights, ours sharing its tensors."""
-    import transformers
-    from transformers import PaliGemmaForConditionalGeneration
-    from transformers.initialization import no_init_weights
-
+    """(cfg, ours, hf): ours with seeded random weights at the reduced geometry, transformers'
+    model holding ours' tensors."""
     from pgexport.models import PaliGemma, PaliGemmaConfig
-    from pgexport.models.checkpoint import to_internal_name
 
-    cfg = PaliGemmaConfig.from_preset(preset).replace(
-        text=dict(num_hidden_layers=text_layers), vision=dict(num_hidden_layers=vision_layers)
-    )
-    hf_cfg = transformers.PaliGemmaConfig.from_dict(cfg.to_hf_dict())
-    hf_cfg._attn_implementation = attn
-    with no_init_weights():  # parameters left uninitialised (no pages touched yet); buffers are set
-        hf = PaliGemmaForConditionalGeneration(hf_cfg).to(torch.float32)
-    hf.eval()
-
-    # Cheap, well-scaled random init: N(0, 0.02) for matrices/embeddings/biases (as transformers'
-    # initializer_range), LayerNorm gain 1, Gemma RMSNorm weight N(0, 0.02) around its identity 0.
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if re.search(r"(layer_norm\d?|post_layernorm)\.weight$", name):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    hf.tie_weights()
-
-    with torch.device("meta"):
-        ours = PaliGemma(cfg)
-    expected = set(ours.state_dict())
-    state = {}
-    for name, p in hf.named_parameters():
-        internal = to_internal_name(name)
-        if internal in expected:
-            state[internal] = p.detach()
-        elif name != "lm_head.weight":
-            raise RuntimeError(f"transformers parameter {name} ({internal}) has no counterpart in ours")
-    ours.load_state_dict(state, strict=True, assign=True)  # shares storage, no copy
-    ours.eval()
-    hf_params = {p.data_ptr() for p in hf.parameters()}
-    not_shared = [n for n, p in ours.named_parameters() if p.data_ptr() not in hf_params]
-    if not_shared:
-        raise RuntimeError(f"parameters not shared with transformers: {not_shared[:5]}")
-    emb = hf.model.language_model.embed_tokens.weight
-    assert hf.lm_head.weight.data_ptr() == emb.data_ptr(), "transformers lm_head is not tied"
-    return cfg, ours, hf
+    cfg = reduced_config(PaliGemmaConfig.from_preset(preset), text_layers, vision_layers)
+    ours = PaliGemma.random(cfg, seed=seed)
+    return cfg, ours, transformers_sharing(ours, attn)
 
 
-def make_inputs(cfg, prompt_tokens: int, seed: int):
-    """`<image>` * N + <bos> + random prompt tokens + "\\n", and a random image in [-1, 1]."""
-    g = torch.Generator().manual_seed(seed + 1)
-    n_mid = max(prompt_tokens - 2, 0)
-    text = [cfg.bos_token_id] + torch.randint(1000, 200000, (n_mid,), generator=g).tolist() + [108]
-    ids = torch.tensor([[cfg.image_token_id] * cfg.num_image_tokens + text], dtype=torch.long)
-    px = torch.rand(1, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g) * 2 - 1
-    return ids, torch.ones_like(ids), px
+def preset_layers(preset: str) -> tuple[int, int]:
+    from pgexport.models import PaliGemmaConfig
 
-
-# --------------------------------------------------------------------------- runners
-class OursRunner:
-    def __init__(self, model, ids, mask, px):
-        from pgexport.models.generate import EagerStepper
-
-        self.model, self.stepper = model, EagerStepper(model)
-        self.ids, self.mask, self.px = ids.numpy(), mask.numpy(), px.numpy()
-
-    def vision(self):
-        return self.model.encode_image(torch.from_numpy(self.px))
-
-    def prefill(self, new_tokens: int) -> int:
-        self.logits = self.stepper.prefill(self.ids, self.mask, self.px, new_tokens)
-        return int(self.logits[0].argmax())
-
-    def decode(self, token: int) -> int:
-        self.logits = self.stepper.decode(np.array([token], dtype=np.int64))
-        return int(self.logits[0].argmax())
-
-
-class HFRunner:
-    def __init__(self, model, ids, mask, px):
-        self.model, self.ids, self.mask, self.px = model, ids, mask, px
-        self.tt = torch.zeros_like(ids)  # whole prompt is prefix (bidirectional)
-
-    def vision(self):
-        return self.model.get_image_features(self.px).pooler_output
-
-    def prefill(self, new_tokens: int) -> int:
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache(config=self.model.config)
-        S = self.ids.shape[1]
-        self.full_mask = torch.ones(1, S + new_tokens, dtype=torch.long)
-        self.length = S
-        out = self.model(input_ids=self.ids, pixel_values=self.px, attention_mask=self.mask,
-                         token_type_ids=self.tt, cache=self.cache, use_cache=True, logits_to_keep=1)
-        self.logits = out.logits[:, -1]
-        return int(self.logits[0].argmax())
-
-    def decode(self, token: int) -> int:
-        self.length += 1
-        out = self.model(input_ids=torch.tensor([[token]]), attention_mask=self.full_mask[:, : self.length],
-                         cache=self.cache, use_cache=True, logits_to_keep=1)
-        self.logits = out.logits[:, -1]
-        return int(self.logits[0].argmax())
-
-
-def paired_generation(runners: dict[str, Any], new_tokens: int, first: int = 0) -> dict[str, dict[str, Any]]:
-    """Prefill both implementations, then decode `new_tokens` greedy steps with the two
-    implementations alternating step by step (each step timed on its own).
-
-    Interleaving at step granularity makes each decode step of ours sit next to the same step of
-    transformers in time, so a change in the neighbours' load hits both alike. The order of the
-    two flips at every step (A B B A A B ...) and `first` flips it per repeat.
-    """
-    names = list(runners)
-    order = names[first % 2:] + names[: first % 2]
-    out = {n: {"step_s": [], "step_cpu_s": [], "tokens": []} for n in names}
-    for n in order:
-        run = timed_call(lambda n=n: runners[n].prefill(new_tokens))
-        out[n].update(prefill_s=run.seconds, prefill_cpu_s=run.cpu_seconds, prefill_peak_extra=run.peak_extra_bytes)
-        out[n]["tokens"].append(run.result)
-    for i in range(new_tokens):
-        for n in (order if i % 2 == 0 else order[::-1]):
-            c, t = time.process_time(), time.perf_counter()
-            tok = runners[n].decode(out[n]["tokens"][-1])
-            out[n]["step_s"].append(time.perf_counter() - t)
-            out[n]["step_cpu_s"].append(time.process_time() - c)
-            out[n]["tokens"].append(tok)
-    return out
+    c = PaliGemmaConfig.from_preset(preset)
+    return c.text.num_hidden_layers, c.vision.num_hidden_layers
 
 
 # --------------------------------------------------------------------------- breakdown
@@ -253,30 +134,12 @@ def function_targets(impl: str) -> list[tuple[Any, str, str, bool]]:
     ]
 
 
-def module_breakdown(model, impl: str, fn: Callable[[], Any]) -> dict[str, float]:
-    """Seconds spent in each group during `fn()`: forward hooks on modules, wrappers on functions.
-
-    The wrappers replace module attributes in this process only (nothing is edited on disk) and
-    are removed afterwards. Times are inclusive; `other` = total - the disjoint top-level groups.
-    """
+def hook_modules(model, acc: dict[str, float], depth: list[int]) -> list:
+    """Forward hooks adding each MODULE_GROUPS module's inclusive time to `acc[group]`, and
+    keeping `depth[0]` > 0 while a decoder layer runs. Returns the hook handles."""
     from pgexport.models.checkpoint import to_internal_name
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    acc: dict[str, float] = defaultdict(float)
     handles, starts = [], {}
-    depth = [0]  # > 0 while inside a decoder layer
-
-    def timed(group: str, f: Callable, decoder_only: bool) -> Callable:
-        def wrapper(*a, **kw):
-            if decoder_only and depth[0] == 0:
-                return f(*a, **kw)
-            t = time.perf_counter()
-            try:
-                return f(*a, **kw)
-            finally:
-                acc[group] += time.perf_counter() - t
-        return wrapper
-
     for name, mod in model.named_modules():
         internal = to_internal_name(name) if name else name
         if re.match(DECODER_LAYER, internal):
@@ -292,6 +155,32 @@ def module_breakdown(model, impl: str, fn: Callable[[], Any]) -> dict[str, float
 
                 handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
                 break
+    return handles
+
+
+def module_breakdown(model, impl: str, fn: Callable[[], Any]) -> dict[str, float]:
+    """Seconds spent in each group during `fn()`: forward hooks on modules, wrappers on functions.
+
+    The wrappers replace module attributes in this process only (nothing is edited on disk) and
+    are removed afterwards. Times are inclusive; `other` = total - the disjoint top-level groups.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    acc: dict[str, float] = defaultdict(float)
+    depth = [0]  # > 0 while inside a decoder layer
+
+    def timed(group: str, f: Callable, decoder_only: bool) -> Callable:
+        def wrapper(*a, **kw):
+            if decoder_only and depth[0] == 0:
+                return f(*a, **kw)
+            t = time.perf_counter()
+            try:
+                return f(*a, **kw)
+            finally:
+                acc[group] += time.perf_counter() - t
+        return wrapper
+
+    handles = hook_modules(model, acc, depth)
     restore = []
     for owner, attr, group, decoder_only in function_targets(impl):
         if owner == "sdpa":
@@ -348,7 +237,7 @@ def decode_steps_fn(runner, n: int, new_tokens: int):
 
 
 # --------------------------------------------------------------------------- main
-def main(argv=None) -> int:
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="paligemma-3b-pt-224")
     ap.add_argument("--text-layers", type=int, default=6, help="decoder layers (preset: 18); widths stay full")
@@ -367,13 +256,13 @@ def main(argv=None) -> int:
     ap.add_argument("--breakdown-repeats", type=int, default=3, help="runs of the per-module breakdown (median taken)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/eager_vs_transformers", help="output path without suffix (.json and .md)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
     info = machine_info()
     progress(f"machine: {info['cpu_model']}, {info['usable_cores']} cores, torch threads {info['torch_threads']}, "
              f"{info['mem_available_gib']} GiB available")
@@ -383,179 +272,174 @@ def main(argv=None) -> int:
     cfg, ours, hf = build_models(args.preset, args.text_layers, args.vision_layers, args.hf_attn, args.seed)
     n_params = sum(p.numel() for p in ours.parameters())
     progress(f"built in {time.perf_counter() - t:.1f}s: {n_params / 1e9:.3f}B parameters shared, RSS {gib(current_rss_bytes()):.2f} GiB")
-    ids, mask, px = make_inputs(cfg, args.prompt_tokens, args.seed)
-    S = ids.shape[1]
+    ids, mask, px = random_inputs(cfg, args.prompt_tokens, args.seed + 1)
     runners = {OURS: OursRunner(ours, ids, mask, px), HF: HFRunner(hf, ids, mask, px)}
     models = {OURS: ours, HF: hf}
-
-    results: dict[str, Any] = {
-        "benchmark": "eager_vs_transformers",
-        "setup": {
-            "preset": args.preset, "dtype": "float32", "batch": 1,
-            "text_layers": args.text_layers, "text_layers_in_preset": PRESET_LAYERS(args.preset)[0],
-            "vision_layers": args.vision_layers, "vision_layers_in_preset": PRESET_LAYERS(args.preset)[1],
-            "image_size": cfg.vision.image_size, "image_tokens": cfg.num_image_tokens,
-            "prompt_len": S, "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": args.warmup,
-            "threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (unset)"),
-            "transformers_attn_implementation": hf.config._attn_implementation,
-            "parameters": n_params, "weights_shared": True, "breakdown_repeats": args.breakdown_repeats,
-            "methods": {
-                "vision": "ours encode_image vs transformers get_image_features().pooler_output",
-                "prefill": "ours EagerStepper.prefill (static cache) vs transformers forward(pixel_values, token_type_ids=0, "
-                           "DynamicCache, logits_to_keep=1); both include vision and argmax",
-                "decode": "ours EagerStepper.decode vs transformers forward(1 token, DynamicCache, growing ones mask, "
-                          "logits_to_keep=1); greedy, each step timed",
-            },
-        },
-        "machine": info,
-    }
+    results: dict[str, Any] = {"benchmark": "eager_vs_transformers",
+                               "setup": setup(args, cfg, hf, n_params, int(ids.shape[1])), "machine": info}
 
     with torch.inference_mode():
-        # ---------------------------------------------------------------- agreement
-        progress("checking that both models compute the same thing")
-        f_ours, f_hf = runners[OURS].vision(), runners[HF].vision()
-        l_ours = (runners[OURS].prefill(args.new_tokens), runners[OURS].logits.copy())
-        l_hf = (runners[HF].prefill(args.new_tokens), runners[HF].logits.float().numpy().copy())
-        agreement = {
-            "vision_max_abs_diff": float((f_ours - f_hf).abs().max()),
-            "vision_max_abs": float(f_hf.abs().max()),
-            "prefill_logits_max_abs_diff": float(np.abs(l_ours[1] - l_hf[1]).max()),
-            "prefill_logits_max_abs": float(np.abs(l_hf[1]).max()),
-            "prefill_argmax_equal": l_ours[0] == l_hf[0],
-        }
-        del f_ours, f_hf
-        progress(f"agreement: {agreement}")
-
-        # ---------------------------------------------------------------- 1. vision
-        progress(f"stage 1/3 vision: warm-up {args.warmup}, {args.repeats} interleaved repeats")
-        vis = interleaved({n: r.vision for n, r in runners.items()}, args.repeats, args.warmup, label="vision")
-
-        # ---------------------------------------------------------------- 2+3. prefill + decode
-        progress(f"stage 2-3/3 prefill + {args.new_tokens} decode steps: warm-up {args.warmup}, {args.repeats} repeats "
-                 "(prefills alternate, decode steps interleaved one by one)")
-        for w in range(args.warmup):
-            g = paired_generation(runners, min(args.new_tokens, 8), first=w)
-            progress(f"generate warm-up {w + 1}/{args.warmup}: " + ", ".join(
-                f"{n} prefill {g[n]['prefill_s'] * 1e3:.0f} ms decode {statistics.median(g[n]['step_s']) * 1e3:.1f} ms/token" for n in runners))
-        gen = []
-        for rep in range(args.repeats):
-            g = paired_generation(runners, args.new_tokens, first=rep)
-            gen.append(g)
-            progress(f"generate repeat {rep + 1}/{args.repeats}: " + ", ".join(
-                f"{n} prefill {g[n]['prefill_s'] * 1e3:.0f} ms (cpu {g[n]['prefill_cpu_s'] / g[n]['prefill_s']:.2f}x) "
-                f"decode {statistics.median(g[n]['step_s']) * 1e3:.1f} ms/token" for n in runners))
+        agreement = check_agreement(runners, args.new_tokens)
+        progress(f"stages vision, prefill + {args.new_tokens} decode steps: warm-up {args.warmup}, {args.repeats} "
+                 "interleaved repeats (prefills alternate, decode steps interleaved one by one)")
+        vis, gen = generation_runs(runners, args.repeats, args.warmup, args.new_tokens, warmup_tokens=8)
         agreement["greedy_tokens_equal"] = all(g[OURS]["tokens"] == g[HF]["tokens"] for g in gen)
         agreement["greedy_tokens_ours"] = gen[0][OURS]["tokens"]
         agreement["greedy_tokens_transformers"] = gen[0][HF]["tokens"]
-
-        # ---------------------------------------------------------------- summaries
-        k = min(8, args.new_tokens)
-        stages: dict[str, dict[str, Any]] = {"vision": {}, "prefill": {}, "decode": {}}
-        for n in runners:
-            stages["vision"][n] = {
-                "stats": vis[n].stats, "cpu_stats": vis[n].cpu_stats, "peak_extra_gib": gib(vis[n].peak_extra_bytes),
-                "cpu_per_wall": statistics.median(r.cpu_seconds / r.seconds for r in vis[n].runs)}
-            stages["prefill"][n] = {
-                "stats": Stats.of(g[n]["prefill_s"] for g in gen), "cpu_stats": Stats.of(g[n]["prefill_cpu_s"] for g in gen),
-                "peak_extra_gib": gib(max(g[n]["prefill_peak_extra"] for g in gen)),
-                "cpu_per_wall": statistics.median(g[n]["prefill_cpu_s"] / g[n]["prefill_s"] for g in gen)}
-            steps = [g[n]["step_s"] for g in gen]
-            cpus = [g[n]["step_cpu_s"] for g in gen]
-            first = [statistics.median(s[:k]) for s in steps]
-            last = [statistics.median(s[-k:]) for s in steps]
-            first_cpu = [statistics.median(c[:k]) for c in cpus]
-            last_cpu = [statistics.median(c[-k:]) for c in cpus]
-            slope, intercept = fit_line([(i, x) for c in cpus for i, x in enumerate(c)])
-            stages["decode"][n] = {
-                "stats": Stats.of(statistics.median(s) for s in steps),  # per token: median over steps, per repeat
-                "cpu_stats": Stats.of(statistics.median(c) for c in cpus),
-                "all_steps": Stats.of(x for s in steps for x in s),
-                "first_k": Stats.of(first), "last_k": Stats.of(last), "k": k,
-                "last_over_first": ratio(statistics.median(last), statistics.median(first)),
-                "first_k_cpu": Stats.of(first_cpu), "last_k_cpu": Stats.of(last_cpu),
-                "last_over_first_cpu": ratio(statistics.median(last_cpu), statistics.median(first_cpu)),
-                # least-squares line through (step index, CPU seconds) of every step of every repeat
-                "cpu_slope_s_per_step": slope, "cpu_intercept_s": intercept,
-                "cpu_growth_over_run": ratio(slope * (args.new_tokens - 1), intercept),
-                "per_step_median_s": [statistics.median(col) for col in zip(*steps)],
-                "per_step_median_cpu_s": [statistics.median(col) for col in zip(*cpus)],
-                "tokens_per_s": 1.0 / statistics.median(statistics.median(s) for s in steps),
-                "cpu_per_wall": statistics.median(sum(c) / sum(s) for s, c in zip(steps, cpus)),
-                "runs": [{"prefill_s": g[n]["prefill_s"], "prefill_cpu_s": g[n]["prefill_cpu_s"],
-                          "step_s": g[n]["step_s"], "step_cpu_s": g[n]["step_cpu_s"]} for g in gen],
-            }
-        # Paired ratios: each sample of ours over the transformers sample taken right next to it.
-        pairs = {
-            "vision": [o.seconds / h.seconds for o, h in zip(vis[OURS].runs, vis[HF].runs)],
-            "prefill": [g[OURS]["prefill_s"] / g[HF]["prefill_s"] for g in gen],
-            "decode": [o / h for g in gen for o, h in zip(g[OURS]["step_s"], g[HF]["step_s"])],
-        }
-        # Does ours grow relative to transformers over the run? paired ratios of the first vs last k steps
-        stages["decode"]["paired_ratio_first_k"] = Stats.of(o / h for g in gen for o, h in zip(g[OURS]["step_s"][:k], g[HF]["step_s"][:k]))
-        stages["decode"]["paired_ratio_last_k"] = Stats.of(o / h for g in gen for o, h in zip(g[OURS]["step_s"][-k:], g[HF]["step_s"][-k:]))
-        for stage, st in stages.items():
-            st["ratio_ours_over_transformers"] = ratio(st[OURS]["stats"].median, st[HF]["stats"].median)
-            st["paired_ratio"] = Stats.of(pairs[stage])
-            st["cpu_ratio_ours_over_transformers"] = ratio(st[OURS]["cpu_stats"].median, st[HF]["cpu_stats"].median)
+        stages = summarize_stages(vis, gen, args.new_tokens)
         results["agreement"] = agreement
         results["stages"] = stages
-
-        # ---------------------------------------------------------------- breakdowns
-        nb = args.breakdown_repeats
-        progress(f"breakdown (hooks + function wrappers): one prefill and 8 decode steps per implementation, {nb} interleaved repeats")
-        raw: dict[str, dict[str, list]] = {"prefill": {n: [] for n in runners}, "decode_8_steps": {n: [] for n in runners}}
-        for i in range(nb):
-            for n in (list(runners) if i % 2 == 0 else list(runners)[::-1]):
-                r = runners[n]
-                raw["prefill"][n].append(module_breakdown(models[n], n, lambda r=r: r.prefill(args.new_tokens)))
-                steps_fn = decode_steps_fn(r, min(8, args.new_tokens), args.new_tokens)
-                raw["decode_8_steps"][n].append(module_breakdown(models[n], n, steps_fn))
-                progress(f"breakdown {i + 1}/{nb} {n}: prefill {raw['prefill'][n][-1]['total'] * 1e3:.0f} ms, "
-                         f"8 decode steps {raw['decode_8_steps'][n][-1]['total'] * 1e3:.0f} ms")
-        results["breakdown_seconds"] = {s: {n: median_breakdown(v) for n, v in d.items()} for s, d in raw.items()}
-        results["breakdown_seconds_runs"] = raw
-
-        # ---------------------------------------------------------------- profiles
-        profiles: dict[str, Any] = {}
-        for stage, st in stages.items():
-            slower = st["ratio_ours_over_transformers"] > 1.0 or st["paired_ratio"].median > 1.0
-            if args.profile == "never" or (args.profile == "auto" and not slower):
-                continue
-            progress(f"profiling stage {stage} (ratio {st['ratio_ours_over_transformers']:.3f})")
-            profiles[stage] = {}
-            for n, r in runners.items():
-                if stage == "vision":
-                    fn = r.vision
-                elif stage == "prefill":
-                    fn = lambda r=r: r.prefill(args.new_tokens)  # noqa: E731
-                else:
-                    fn = decode_steps_fn(r, min(8, args.new_tokens), args.new_tokens)
-                table, rows = profile_table(fn, row_limit=15)
-                profiles[stage][n] = {"top_ops": rows, "table": table}
+        results.update(breakdowns(runners, models, args.new_tokens, args.breakdown_repeats))
+        profiles = profile_stages(stages, runners, args.new_tokens, args.profile)
         results["profiles"] = profiles  # top ops as rows, and torch's text table
 
     results["peak_rss_gib_process"] = gib(peak_rss_bytes())
-    md = render_markdown(args, results, profiles)
-    jpath, mpath = write_results(args.out, results, md)
-    progress(f"wrote {jpath} and {mpath}")
-    print(md)
+    save_results(args.out, results, render_markdown(results, profiles), echo=True)
     return 0
 
 
-def PRESET_LAYERS(preset: str) -> tuple[int, int]:
-    from pgexport.models import PaliGemmaConfig
+def setup(args, cfg, hf, n_params: int, prompt_len: int) -> dict[str, Any]:
+    text_in_preset, vision_in_preset = preset_layers(args.preset)
+    return {
+        "preset": args.preset, "dtype": "float32", "batch": 1,
+        "text_layers": args.text_layers, "text_layers_in_preset": text_in_preset,
+        "vision_layers": args.vision_layers, "vision_layers_in_preset": vision_in_preset,
+        "image_size": cfg.vision.image_size, "image_tokens": cfg.num_image_tokens,
+        "prompt_len": prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": args.warmup,
+        "threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (unset)"),
+        "transformers_attn_implementation": hf.config._attn_implementation,
+        "parameters": n_params, "weights_shared": True, "breakdown_repeats": args.breakdown_repeats,
+        "methods": METHODS,
+    }
 
-    c = PaliGemmaConfig.from_preset(preset)
-    return c.text.num_hidden_layers, c.vision.num_hidden_layers
+
+def check_agreement(runners: dict, new_tokens: int) -> dict[str, Any]:
+    """Both models on the same input: vision features and first-token logits, max |difference|."""
+    progress("checking that both models compute the same thing")
+    f_ours, f_hf = runners[OURS].vision(), runners[HF].vision()
+    l_ours = (runners[OURS].prefill(new_tokens), runners[OURS].logits.copy())
+    l_hf = (runners[HF].prefill(new_tokens), runners[HF].logits.float().numpy().copy())
+    agreement = {
+        "vision_max_abs_diff": float((f_ours - f_hf).abs().max()),
+        "vision_max_abs": float(f_hf.abs().max()),
+        "prefill_logits_max_abs_diff": float(np.abs(l_ours[1] - l_hf[1]).max()),
+        "prefill_logits_max_abs": float(np.abs(l_hf[1]).max()),
+        "prefill_argmax_equal": l_ours[0] == l_hf[0],
+    }
+    progress(f"agreement: {agreement}")
+    return agreement
 
 
-def render_markdown(args, results: dict[str, Any], profiles: dict[str, Any]) -> str:
-    s, st, ag = results["setup"], results["stages"], results["agreement"]
-    cmd = "python benchmarks/bench_eager.py " + " ".join(sys.argv[1:])
-    lines = [
+def summarize_stages(vis, gen: list[dict], new_tokens: int) -> dict[str, dict[str, Any]]:
+    """Per stage and implementation: wall and CPU statistics, peak memory, decode flatness; then
+    the ratios of medians and the paired ratios (each sample of ours over the transformers sample
+    taken right next to it)."""
+    k = min(8, new_tokens)
+    stages: dict[str, dict[str, Any]] = {"vision": {}, "prefill": {}, "decode": {}}
+    for n in (OURS, HF):
+        stages["vision"][n] = {
+            "stats": vis[n].stats, "cpu_stats": vis[n].cpu_stats, "peak_extra_gib": gib(vis[n].peak_extra_bytes),
+            "cpu_per_wall": statistics.median(r.cpu_seconds / r.seconds for r in vis[n].runs)}
+        stages["prefill"][n] = {
+            "stats": Stats.of(g[n]["prefill_s"] for g in gen), "cpu_stats": Stats.of(g[n]["prefill_cpu_s"] for g in gen),
+            "peak_extra_gib": gib(max(g[n]["prefill_peak_extra"] for g in gen)),
+            "cpu_per_wall": statistics.median(g[n]["prefill_cpu_s"] / g[n]["prefill_s"] for g in gen)}
+        stages["decode"][n] = decode_summary([g[n] for g in gen], k, new_tokens)
+    pairs = {
+        "vision": [o.seconds / h.seconds for o, h in zip(vis[OURS].runs, vis[HF].runs)],
+        "prefill": [g[OURS]["prefill_s"] / g[HF]["prefill_s"] for g in gen],
+        "decode": [o / h for g in gen for o, h in zip(g[OURS]["step_s"], g[HF]["step_s"])],
+    }
+    # does ours grow relative to transformers over the run? paired ratios of the first vs last k steps
+    stages["decode"]["paired_ratio_first_k"] = Stats.of(o / h for g in gen for o, h in zip(g[OURS]["step_s"][:k], g[HF]["step_s"][:k]))
+    stages["decode"]["paired_ratio_last_k"] = Stats.of(o / h for g in gen for o, h in zip(g[OURS]["step_s"][-k:], g[HF]["step_s"][-k:]))
+    for stage, st in stages.items():
+        st["ratio_ours_over_transformers"] = ratio(st[OURS]["stats"].median, st[HF]["stats"].median)
+        st["paired_ratio"] = Stats.of(pairs[stage])
+        st["cpu_ratio_ours_over_transformers"] = ratio(st[OURS]["cpu_stats"].median, st[HF]["cpu_stats"].median)
+    return stages
+
+
+def decode_summary(runs: list[dict], k: int, new_tokens: int) -> dict[str, Any]:
+    """One implementation's decode steps over the repeats: per-token statistics, the first and
+    last `k` steps (wall and CPU), and a least-squares line through the CPU time per step."""
+    steps = [r["step_s"] for r in runs]
+    cpus = [r["step_cpu_s"] for r in runs]
+    first = [statistics.median(s[:k]) for s in steps]
+    last = [statistics.median(s[-k:]) for s in steps]
+    first_cpu = [statistics.median(c[:k]) for c in cpus]
+    last_cpu = [statistics.median(c[-k:]) for c in cpus]
+    slope, intercept = fit_line([(i, x) for c in cpus for i, x in enumerate(c)])
+    return {
+        "stats": Stats.of(statistics.median(s) for s in steps),  # per token: median over steps, per repeat
+        "cpu_stats": Stats.of(statistics.median(c) for c in cpus),
+        "all_steps": Stats.of(x for s in steps for x in s),
+        "first_k": Stats.of(first), "last_k": Stats.of(last), "k": k,
+        "last_over_first": ratio(statistics.median(last), statistics.median(first)),
+        "first_k_cpu": Stats.of(first_cpu), "last_k_cpu": Stats.of(last_cpu),
+        "last_over_first_cpu": ratio(statistics.median(last_cpu), statistics.median(first_cpu)),
+        # least-squares line through (step index, CPU seconds) of every step of every repeat
+        "cpu_slope_s_per_step": slope, "cpu_intercept_s": intercept,
+        "cpu_growth_over_run": ratio(slope * (new_tokens - 1), intercept),
+        "per_step_median_s": [statistics.median(col) for col in zip(*steps)],
+        "per_step_median_cpu_s": [statistics.median(col) for col in zip(*cpus)],
+        "tokens_per_s": 1.0 / statistics.median(statistics.median(s) for s in steps),
+        "cpu_per_wall": statistics.median(sum(c) / sum(s) for s, c in zip(steps, cpus)),
+        "runs": [{"prefill_s": r["prefill_s"], "prefill_cpu_s": r["prefill_cpu_s"],
+                  "step_s": r["step_s"], "step_cpu_s": r["step_cpu_s"]} for r in runs],
+    }
+
+
+def breakdowns(runners: dict, models: dict, new_tokens: int, repeats: int) -> dict[str, Any]:
+    """`module_breakdown` of one prefill and of 8 decode steps per implementation, `repeats`
+    interleaved runs: their medians and every run."""
+    progress(f"breakdown (hooks + function wrappers): one prefill and 8 decode steps per implementation, {repeats} interleaved repeats")
+    raw: dict[str, dict[str, list]] = {"prefill": {n: [] for n in runners}, "decode_8_steps": {n: [] for n in runners}}
+    for i in range(repeats):
+        for n in (list(runners) if i % 2 == 0 else list(runners)[::-1]):
+            r = runners[n]
+            raw["prefill"][n].append(module_breakdown(models[n], n, lambda r=r: r.prefill(new_tokens)))
+            steps_fn = decode_steps_fn(r, min(8, new_tokens), new_tokens)
+            raw["decode_8_steps"][n].append(module_breakdown(models[n], n, steps_fn))
+            progress(f"breakdown {i + 1}/{repeats} {n}: prefill {raw['prefill'][n][-1]['total'] * 1e3:.0f} ms, "
+                     f"8 decode steps {raw['decode_8_steps'][n][-1]['total'] * 1e3:.0f} ms")
+    return {"breakdown_seconds": {s: {n: median_breakdown(v) for n, v in d.items()} for s, d in raw.items()},
+            "breakdown_seconds_runs": raw}
+
+
+def profile_stages(stages: dict, runners: dict, new_tokens: int, when: str) -> dict[str, Any]:
+    """torch.profiler tables per stage: where ours is slower (`when` = auto), always or never."""
+    profiles: dict[str, Any] = {}
+    for stage, st in stages.items():
+        slower = st["ratio_ours_over_transformers"] > 1.0 or st["paired_ratio"].median > 1.0
+        if when == "never" or (when == "auto" and not slower):
+            continue
+        progress(f"profiling stage {stage} (ratio {st['ratio_ours_over_transformers']:.3f})")
+        profiles[stage] = {}
+        for n, r in runners.items():
+            if stage == "vision":
+                fn = r.vision
+            elif stage == "prefill":
+                fn = lambda r=r: r.prefill(new_tokens)  # noqa: E731
+            else:
+                fn = decode_steps_fn(r, min(8, new_tokens), new_tokens)
+            table, rows = profile_table(fn, row_limit=15)
+            profiles[stage][n] = {"top_ops": rows, "table": table}
+    return profiles
+
+
+# --------------------------------------------------------------------------- report
+def render_markdown(results: dict[str, Any], profiles: dict[str, Any]) -> str:
+    return "\n".join(header_lines(results) + results_lines(results) + flatness_lines(results)
+                     + breakdown_lines(results, profiles)) + "\n"
+
+
+def header_lines(results: dict[str, Any]) -> list[str]:
+    s = results["setup"]
+    return [
         "# Eager PyTorch: pgexport vs transformers",
         "",
-        f"`{cmd.strip()}`",
+        f"`{command_line('bench_eager.py').strip()}`",
         "",
         f"- model: `{s['preset']}` geometry, fp32, batch 1, **{s['text_layers']} of {s['text_layers_in_preset']} decoder layers**, "
         f"{s['vision_layers']} of {s['vision_layers_in_preset']} vision layers (full widths and vocabulary), "
@@ -572,23 +456,29 @@ def render_markdown(args, results: dict[str, Any], profiles: dict[str, Any]) -> 
         "## Results (ms, median (p10-p90))",
         "",
     ]
+
+
+def verdict(r: float, pr: Stats) -> str:
+    """Whether ours is slower: not, within the paired spread (< 5%), or clearly."""
+    if r <= 1.0 and pr.median <= 1.0:
+        return "ok"
+    if pr.n >= 3 and pr.p10 < 1.0 < pr.p90 and max(r, pr.median) < 1.05:
+        return "**slower** (< 5%, within the paired p10-p90)"
+    return "**slower**"
+
+
+def results_lines(results: dict[str, Any]) -> list[str]:
+    s, st = results["setup"], results["stages"]
     rows = []
     for stage, label in (("vision", "vision encoder"), ("prefill", "prefill (time to first logits)"), ("decode", "decode, per token")):
         o, h = st[stage][OURS], st[stage][HF]
-        r = st[stage]["ratio_ours_over_transformers"]
-        pr = st[stage]["paired_ratio"]
-        if r <= 1.0 and pr.median <= 1.0:
-            verdict = "ok"
-        elif pr.n >= 3 and pr.p10 < 1.0 < pr.p90 and max(r, pr.median) < 1.05:
-            verdict = "**slower** (< 5%, within the paired p10-p90)"
-        else:
-            verdict = "**slower**"
+        r, pr = st[stage]["ratio_ours_over_transformers"], st[stage]["paired_ratio"]
         rows.append([label, fmt_stats_ms(o["stats"]), fmt_stats_ms(h["stats"]), f"{r:.3f}",
-                     f"{pr.median:.3f} ({pr.p10:.2f}-{pr.p90:.2f}, n={pr.n})", verdict,
+                     f"{pr.median:.3f} ({pr.p10:.2f}-{pr.p90:.2f}, n={pr.n})", verdict(r, pr),
                      f"{o['peak_extra_gib'] * 1024:.0f} / {h['peak_extra_gib'] * 1024:.0f}" if "peak_extra_gib" in o else "(in prefill's)",
                      f"{o['cpu_per_wall']:.2f} / {h['cpu_per_wall']:.2f}"])
-    lines.append(markdown_table(["stage", OURS, HF, "ratio of medians ours/tf", "paired ratio median (p10-p90)",
-                                 "target <= 1.0", "peak extra RSS MiB ours / tf", "CPU s per wall s ours / tf"], rows))
+    lines = [markdown_table(["stage", OURS, HF, "ratio of medians ours/tf", "paired ratio median (p10-p90)",
+                             "target <= 1.0", "peak extra RSS MiB ours / tf", "CPU s per wall s ours / tf"], rows)]
     lines += ["", "Paired ratio: each timing of ours divided by the transformers timing taken right next to it "
               "(vision: same repeat; prefill: same repeat; decode: same step index, steps interleaved one by one), "
               "robust to slow drifts in the machine's load. Peak extra RSS: the largest rise of the process's "
@@ -601,10 +491,14 @@ def render_markdown(args, results: dict[str, Any], profiles: dict[str, Any]) -> 
               "counts OpenMP spin-waiting when threads > 1), ms, median (p10-p90):", ""]
     lines.append(markdown_table(["stage", OURS, HF, "CPU ratio ours/tf"], [
         [stage, fmt_stats_ms(st[stage][OURS]["cpu_stats"]), fmt_stats_ms(st[stage][HF]["cpu_stats"]),
-         f"{st[stage]['cpu_ratio_ours_over_transformers']:.3f}"] for stage in ("vision", "prefill", "decode")]))
-    d = st["decode"]
+         f"{st[stage]['cpu_ratio_ours_over_transformers']:.3f}"] for stage in STAGES]))
+    return lines
+
+
+def flatness_lines(results: dict[str, Any]) -> list[str]:
+    s, d, ag = results["setup"], results["stages"]["decode"], results["agreement"]
     k = d[OURS]["k"]
-    lines += [
+    return [
         "",
         f"Decode flatness: per-token ms, median over repeats of the median of the first / last {k} of "
         f"{s['new_tokens']} steps, in wall time and in process CPU time (CPU time does not move when the "
@@ -628,15 +522,17 @@ def render_markdown(args, results: dict[str, Any], profiles: dict[str, Any]) -> 
         f"prefill logits max |diff| {ag['prefill_logits_max_abs_diff']:.2e} (max |x| {ag['prefill_logits_max_abs']:.2f}); "
         f"argmax equal: {ag['prefill_argmax_equal']}; greedy tokens equal over all repeats: {ag['greedy_tokens_equal']}.",
         "",
-        f"## Where the time goes (ms, inclusive, median of {s.get('breakdown_repeats', '?')} runs; forward hooks + function wrappers)",
-        "",
     ]
-    bd = results["breakdown_seconds"]
-    keys = list(bd["prefill"][OURS])
+
+
+def breakdown_lines(results: dict[str, Any], profiles: dict[str, Any]) -> list[str]:
+    s, bd = results["setup"], results["breakdown_seconds"]
+    lines = [f"## Where the time goes (ms, inclusive, median of {s.get('breakdown_repeats', '?')} runs; forward hooks + function wrappers)",
+             ""]
     lines.append(markdown_table(
         ["group", "prefill ours", "prefill tf", "8 decode steps ours", "8 decode steps tf"],
         [[key.replace(" ", "&nbsp;", 2) if key.startswith("  ") else key, fmt_ms(bd["prefill"][OURS][key]), fmt_ms(bd["prefill"][HF][key]),
-          fmt_ms(bd["decode_8_steps"][OURS][key]), fmt_ms(bd["decode_8_steps"][HF][key])] for key in keys],
+          fmt_ms(bd["decode_8_steps"][OURS][key]), fmt_ms(bd["decode_8_steps"][HF][key])] for key in bd["prefill"][OURS]],
     ))
     lines += ["", "Indented rows are parts of `self_attn`. Ours: `masks` = `prefix_lm_mask`, `rope_tables` = `rotary_cos_sin`, "
               "`lm_head` = `GemmaDecoder.logits`, `attention_kernel` = `models.attention.attention`, `kv_cache_update` = "
@@ -649,7 +545,7 @@ def render_markdown(args, results: dict[str, Any], profiles: dict[str, Any]) -> 
             lines += [f"### {n}", "", "```", per[n]["table"].rstrip(), "```", ""]
     lines += ["", "## Machine", "", machine_markdown(results["machine"]),
               f"- peak RSS of the benchmark process: {results['peak_rss_gib_process']:.2f} GiB"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 if __name__ == "__main__":

@@ -11,31 +11,27 @@ loading `paligemma-3b-pt-224` in fp32 <= 1.3x its weight bytes.
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import gib, machine_info, markdown_table, progress, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    gib, init_command, machine_info, markdown_table, progress, run_child, save_results,
+)
 
 _CHILD = r"""
-import json, sys, time, torch
-from benchmarks.common import peak_rss_bytes, current_rss_bytes
+import sys, time, torch
+from benchmarks.common import current_rss_bytes, emit, peak_rss_bytes, random_inputs
 import pgexport
 t0 = time.perf_counter()
 model = pgexport.load_model(sys.argv[1], dtype=sys.argv[2])
 load_s = time.perf_counter() - t0
 after_load = current_rss_bytes()
-cfg = model.cfg
-ids = torch.full((1, cfg.num_image_tokens + 8), 5)
-ids[:, :cfg.num_image_tokens] = cfg.image_token_id
+ids, _, px = random_inputs(model.cfg, 8, seed=0)
 with torch.inference_mode():  # touches every weight page
-    model(ids[:, :], torch.zeros(1, 3, cfg.vision.image_size, cfg.vision.image_size))
+    model(torch.from_numpy(ids), torch.from_numpy(px).to(model.dtype))
 weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-print(json.dumps(dict(load_s=load_s, rss_after_load=after_load, peak_rss=peak_rss_bytes(), weight_bytes=weight_bytes)))
+emit(dict(load_s=load_s, rss_after_load=after_load, peak_rss=peak_rss_bytes(), weight_bytes=weight_bytes))
 """
 
 
@@ -51,15 +47,15 @@ def main() -> None:
     init = None
     if not (ckpt / "config.json").exists():
         progress(f"writing {ckpt} (random weights)")
-        t0 = time.perf_counter()
-        cmd = [sys.executable, "-m", "pgexport.cli", "init", "--preset", args.preset, "--out", str(ckpt), "--dtype", args.dtype]
-        subprocess.run(cmd, check=True)
-        # ru_maxrss of the children: the peak of the init process, in KiB on Linux
-        init = {"seconds": time.perf_counter() - t0, "peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
+        c = run_child(init_command(args.preset, ckpt, args.dtype))
+        if c.code != 0:
+            raise SystemExit(f"pgexport init failed ({c.failure(1)})")
+        init = {"seconds": c.wall_s, "peak_rss": c.peak_rss}  # the init process's own peak
     progress("loading in a fresh process")
-    root = Path(__file__).resolve().parent.parent
-    res = subprocess.run([sys.executable, "-c", _CHILD, str(ckpt), args.dtype], check=True, capture_output=True, text=True, cwd=root)
-    r = json.loads(res.stdout.strip().splitlines()[-1])
+    c = run_child([sys.executable, "-c", _CHILD, str(ckpt), args.dtype])
+    if not c.ok:
+        raise SystemExit(f"loading failed ({c.failure(1)})")
+    r = c.result
     r["peak_over_weights"] = r["peak_rss"] / r["weight_bytes"]
     data = {"preset": args.preset, "dtype": args.dtype, "init": init, "load": r, "machine": machine_info()}
     md = "# Checkpoint loading memory\n\n" + markdown_table(
@@ -67,8 +63,7 @@ def main() -> None:
         [[args.preset, args.dtype, f"{gib(r['weight_bytes']):.2f}", f"{r['load_s']:.1f}", f"{gib(r['rss_after_load']):.2f}",
           f"{gib(r['peak_rss']):.2f}", f"{r['peak_over_weights']:.2f}x"]],
     ) + "\n\nTarget: peak / weights <= 1.3x. Weights are memory-mapped from safetensors and not copied when the dtype matches.\n"
-    write_results(args.out, data, md)
-    print(md)
+    save_results(args.out, data, md, echo=True)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@
 Each variant is a one-MatMul float graph holding the same random `[K, N]` weight, rewritten by
 the exporter's quantizer (`exporters/quantize.quantize_folder`, as `pgexport onnx --quant` does):
 `DynamicQuantizeMatMul` (int8 per output column, symmetric and asymmetric) and `MatMulNBits` (4
-and 8 bits, several block sizes, accuracy level 4; the default int4 block also at level 0). The sessions keep ONNX Runtime's weight prepacking; the timed calls are interleaved. The
-rows are the activations: 260 is a 224-px prompt's prefill, 1 a decode step. Reports ms per call,
+and 8 bits, several block sizes, accuracy level 4; the default int4 block also at level 0). The
+sessions keep ONNX Runtime's weight prepacking; the timed calls are interleaved. The rows are
+the activations: 260 is a 224-px prompt's prefill, 1 a decode step. Reports ms per call,
 the ratio to `DynamicQuantizeMatMul`, and the relative error against the float product.
 Writes benchmarks/results/matmul_kernels.json and .md (or --out).
 """
@@ -24,12 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    fmt_stats_ms,
-    interleaved,
-    machine_markdown,
-    markdown_table,
-    progress,
-    write_report,
+    fmt_stats_ms, interleaved, machine_markdown, markdown_table, ort_session, progress, write_report,
 )
 
 from pgexport.errors import PgExportError  # noqa: E402
@@ -58,7 +54,6 @@ def quantized_session(w: np.ndarray, options: dict, folder: Path, threads: int):
     """An ORT session computing A @ w, with `w` quantized by the exporter's quantizer: a one-MatMul
     float graph in `folder`, rewritten by `quantize_folder` as it rewrites an export."""
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     from pgexport.exporters.quantize import QuantOptions, quantize_folder
@@ -71,9 +66,7 @@ def quantized_session(w: np.ndarray, options: dict, folder: Path, threads: int):
                               [numpy_helper.from_array(w, "W")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(folder / "linear.onnx"))
     quantize_folder(folder, QuantOptions.create(**options))
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(str(folder / "linear.onnx"), so, providers=["CPUExecutionProvider"])
+    return ort_session(folder / "linear.onnx", threads)
 
 
 def main(argv=None) -> int:

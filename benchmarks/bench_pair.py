@@ -7,11 +7,11 @@
 (clean load times and peak RSS), so a ratio between two backends there also carries whatever the
 shared machine did between their runs. Here every folder is loaded in one process
 (`pgexport.runtime.OnnxPaliGemma`, CPU) and the passes alternate: pass r starts with folder
-r mod n. A pass is, on batch 1 (one synthetic scene + "caption en", as bench_quant_baselines):
-the vision encoder alone; prefill (vision included, to the first token's logits); then
---new-tokens - 1 greedy decode steps. Each pass gives a ratio of the first folder's time to each
-other folder's, and the report gives the median and p10-p90 of those paired ratios next to the
-medians. Writes benchmarks/results/pair.json and .md (or --out).
+r mod n. A pass is, on batch 1 (`benchmarks.common.scene_input`: one synthetic scene and its
+caption prompt, as bench_quant_baselines): the vision encoder alone; prefill (vision included, to
+the first token's logits); then --new-tokens - 1 greedy decode steps. Each pass gives a ratio of
+the first folder's time to each other folder's, and the report gives the median and p10-p90 of
+those paired ratios next to the medians. Writes benchmarks/results/pair.json and .md (or --out).
 """
 
 from __future__ import annotations
@@ -26,13 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    Stats,
-    fmt_stats_ms,
-    interleaved,
-    machine_markdown,
-    markdown_table,
-    progress,
-    write_report,
+    Stats, export_folders, fmt_stats_ms, interleaved, machine_markdown, markdown_table, processed, progress,
+    scene_input, write_report,
 )
 
 RESULTS = Path(__file__).parent / "results" / "pair"  # .json and .md
@@ -49,16 +44,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.passes < 1 or args.new_tokens < 2:
         ap.error("--passes must be >= 1 and --new-tokens >= 2 (one prefill token, then decode steps)")
-    folders = [Path(f) for f in args.folders]
-    for f in folders:
-        if not (f / "pgexport.json").is_file():
-            ap.error(f"{f} is not an export folder (no pgexport.json): pass folders written by pgexport onnx")
-    if len(set(f.name for f in folders)) != len(folders):
-        ap.error("folders must have different names (they label the results)")
+    folders = export_folders(ap, args.folders, "pgexport.json")
 
-    from pgexport.bench import _inputs
-    from pgexport.bench_worker import timed_pass
-    from pgexport.processor import PaliGemmaProcessor
+    from pgexport.bench.worker import timed_pass
     from pgexport.runtime import OnnxPaliGemma
 
     names = [f.name for f in folders]
@@ -66,10 +54,9 @@ def main(argv=None) -> int:
     for f in folders:
         progress(f"loading {f} ...")
         runtimes[f.name] = OnnxPaliGemma(f, threads=args.threads)
-    processor = PaliGemmaProcessor.from_pretrained(str(folders[0]))
     with tempfile.TemporaryDirectory() as tmp:
-        x = _inputs(1, None, Path(tmp))[0]
-        batch = processor(images=[x["image"]], prompts=[x["prompt"]])
+        x = scene_input(Path(tmp))
+        batch = processed(folders[0], x)
     prompt_tokens = int(batch["input_ids"].shape[1])
 
     def one_pass(rt) -> dict[str, float]:  # greedy; the logits are dropped, only the times kept

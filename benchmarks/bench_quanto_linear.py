@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pgexport.measure import (  # noqa: E402
-    interleaved, machine_info, machine_markdown, markdown_table, progress, ratio, write_results,
+from benchmarks.common import (  # noqa: E402
+    interleaved, machine_info, machine_markdown, markdown_table, progress, ratio, save_results,
 )
 
 SHAPES = [(512, 2048), (1024, 8192), (2048, 16384)]  # (in, out): MLP up-projections of growing models
@@ -70,9 +70,7 @@ def main(argv=None) -> int:
         "",
         machine_markdown(data["machine"]),
     ])
-    j, m = write_results(args.out, data, md)
-    print(md)
-    progress(f"wrote {j} and {m}")
+    save_results(args.out, data, md, echo=True)
     return 0
 
 

@@ -3,7 +3,7 @@
     python benchmarks/bench_train_step.py                    # 2 threads, 3 rounds of 15 steps
     python benchmarks/bench_train_step.py --threads 1 --rounds 5
 
-A training step is what `pgexport.finetune` runs: `collate` (images preprocessed, text tokenized),
+A training step is what `pgexport.train.finetune` runs: `collate` (images preprocessed, text tokenized),
 `training_loss` (suffix-only logits), backward, gradient clipping, AdamW. The model is a random
 `demo_config()` PaliGemma (the demo's init scale), the data the synthetic shapes set, batches of
 64 examples grouped by image (as examples/train_demo.py trains). Variants:
@@ -22,21 +22,26 @@ benchmarks/results/train_step.json and .md: median ms per step (p10-p90 over rou
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import pgexport.models.attention as attention
-from pgexport.dataset import read_jsonl, write_dataset
-from pgexport.demo import DEMO_BASE_VOCAB, demo_config
-from pgexport.finetune import TrainConfig, batch_order, collate, make_optimizer, set_trainable, training_loss
-from pgexport.measure import machine_info, write_results
-from pgexport.models import PaliGemma
-from pgexport.processor import PaliGemmaProcessor
-from pgexport.tokenizer import build_paligemma_tokenizer
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import pgexport.models.attention as attention  # noqa: E402
+from benchmarks.common import machine_info, save_results  # noqa: E402
+from pgexport.models import PaliGemma  # noqa: E402
+from pgexport.processing.processor import PaliGemmaProcessor  # noqa: E402
+from pgexport.processing.tokenizer import build_paligemma_tokenizer  # noqa: E402
+from pgexport.train.dataset import read_jsonl, write_dataset  # noqa: E402
+from pgexport.train.demo import DEMO_BASE_VOCAB, demo_config  # noqa: E402
+from pgexport.train.finetune import (  # noqa: E402
+    TrainConfig, batch_order, collate, make_optimizer, set_trainable, training_loss,
+)
 
 RESULTS = Path(__file__).parent / "results" / "train_step"
 WARMUP = 3
@@ -109,9 +114,7 @@ def main(argv=None) -> int:
         f"collate excluded ({collate_ms:.1f} ms per batch, the same in every variant).", "",
         "| stage | attention | bf16 autocast | ms per step, median (p10-p90) | vs explicit + bf16 |",
         "|---|---|---|---|---|", *rows])
-    paths = write_results(args.out, results, md)
-    print(md)
-    print("wrote " + ", ".join(map(str, paths)))
+    save_results(args.out, results, md, echo=True)
     return 0
 
 

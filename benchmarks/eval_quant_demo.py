@@ -5,12 +5,13 @@
 
 For each variant (fp32 export, int8 dynamic / MatMulNBits, int4 with the defaults and with other
 block sizes, symmetry, accuracy level, 8-bit head) on the shapes test set drawn with seed 1234
-(its first 100 images are the demo's held-out set, `examples/train_demo.py`; 500 images give 1941
-answers, so one flipped answer is 0.05 points of exact match, 0.26 on 100 images):
+(its first 100 images are the demo's held-out set, `examples/train_demo.py`; the report gives
+the number of exact-match answers, so one flipped answer moves exact match by 100 / answers
+points):
 
 * task accuracy with greedy decoding through ONNX Runtime (`OnnxPaliGemma.generate`), scored as
-  `pgexport.finetune.evaluate` scores the eager model: exact match per question / caption task,
-  mean IoU for `detect`;
+  `pgexport.train.finetune.evaluate` scores the eager model: exact match per question / caption
+  task, mean IoU for `detect`;
 * teacher-forced agreement with the eager fp32 model on the gold answers: the prompt, then every
   answer token fed to both (eos included), top-1 agreement of the next-token logits, mean
   KL(fp32 || quantized) and cosine, over all answer positions;
@@ -23,15 +24,18 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pgexport.exporters.quant_eval import DEMO_EVAL_IMAGES, DEMO_EVAL_SEED
-from pgexport.measure import write_results
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.common import quantized_copy, save_results  # noqa: E402
+from pgexport.train.evaluate import DEMO_EVAL_IMAGES, DEMO_EVAL_SEED  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "quant_demo"  # .json and .md
 
@@ -72,15 +76,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     import pgexport
-    from pgexport.dataset import read_jsonl, write_dataset
-    from pgexport.demo import DEMO_DIR
+    from pgexport.bundled import DEMO_DIR
     from pgexport.exporters.pipeline import export_folder
-    from pgexport.exporters.quantize import folder_model_bytes, quantize_folder
-    from pgexport.exporters.quant_eval import task_accuracy, teacher_forced_logits
-    from pgexport.exporters.validate import logit_quality, validate_export
-    from pgexport.manifest import read_manifest, write_manifest
-    from pgexport.models.generate import EagerStepper
-    from pgexport.runtime import OnnxPaliGemma
+    from pgexport.exporters.quantize import folder_model_bytes
+    from pgexport.train.dataset import read_jsonl, write_dataset
 
     model_dir = Path(args.model or DEMO_DIR)
     work = Path(tempfile.mkdtemp(prefix="eval-quant-"))
@@ -93,14 +92,7 @@ def main(argv=None) -> int:
         summary["boxes"] = len(records) - summary["answers"]
         model = pgexport.load_model(str(model_dir), dtype="float32")
         processor = pgexport.load_processor(str(model_dir))
-        eos, pad = model.cfg.eos_token_id, model.cfg.pad_token_id
-        t = time.time()
-        reference = teacher_forced_logits(EagerStepper(model), processor, records, eos, pad)
-        from pgexport.finetune import evaluate
-
-        summary["eager_fp32"] = {"task": evaluate(model, processor, records, batch_size=64, max_new_tokens=40),
-                                 "seconds": round(time.time() - t, 1)}
-        print("eager fp32", summary["eager_fp32"], flush=True)
+        reference = eager_reference(model, processor, records, summary)
 
         base = work / "fp32"
         export_folder(str(model_dir), base, progress=None, validate=False, ort_fusions=False)
@@ -109,44 +101,66 @@ def main(argv=None) -> int:
         if args.only:
             chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
         for name, options in {"fp32": None, **chosen}.items():
-            folder = base
-            if options is not None:
-                folder = work / name
-                shutil.copytree(base, folder)
-                info = quantize_folder(folder, options)
-                manifest = read_manifest(folder)
-                manifest.quantization = {k: v for k, v in info.items() if not k.startswith("bytes_")}
-                write_manifest(folder, manifest)
-            t = time.time()
-            report = validate_export(folder, model, processor, threads=args.threads, write=False)
-            rt = OnnxPaliGemma(folder, threads=args.threads)
-            got = teacher_forced_logits(rt.stepper(), processor, records, eos, pad)
-            ref_l, got_l, act = [], [], []
-            for (rl, ra), (gl, _) in zip(reference, got):
-                ref_l += rl
-                got_l += gl
-                act += ra
-            quality = logit_quality(ref_l, got_l, act)
-            quality["disagreements"] = disagreements(ref_l, got_l, act, processor)
-            by_batch = {b: task_accuracy(rt, records, batch_size=b) for b in batch_sizes}
-            task = by_batch[batch_sizes[0]]
-            rt.close()
-            entry = {"bytes": folder_model_bytes(folder), "size_ratio": round(folder_model_bytes(folder) / fp32_bytes, 4),
-                     "task": task, "task_batch_size": batch_sizes[0], "task_by_batch_size": by_batch,
-                     "teacher_forced": quality,
-                     "sample_report": {"passed": report["passed"], "failures": report["failures"],
-                                       "quality": report["quality"]},
-                     "seconds": round(time.time() - t, 1)}
+            folder = base if options is None else quantized_copy(base, work / name, options)
+            entry = evaluate_variant(folder, model, processor, records, reference, batch_sizes, args.threads)
+            entry["size_ratio"] = round(entry["bytes"] / fp32_bytes, 4)
             summary["variants"][name] = entry
-            print(f"{name:11s} ratio {entry['size_ratio']:.3f} exact {task['exact_match']:.4f} iou {task['detect_iou']:.4f} "
-                  f"| TF top1 {quality['top1_agreement']:.4f} KL {quality['mean_kl']:.2e} cos {quality['mean_cosine']:.5f} "
-                  f"({quality['positions']} positions) | sample passed {report['passed']} "
-                  f"top1 {report['quality']['top1_agreement']:.3f} KL {report['quality']['mean_kl']:.2e}", flush=True)
+            print_variant(name, entry)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    paths = write_results(args.out, summary, markdown(summary))
-    print("wrote " + ", ".join(map(str, paths)))
+    save_results(args.out, summary, markdown(summary))
     return 0
+
+
+def eager_reference(model, processor, records, summary: dict) -> list:
+    """The eager fp32 model's teacher-forced logits (the reference of every variant); its own
+    task accuracy goes into `summary["eager_fp32"]`."""
+    from pgexport.eager.generate import EagerStepper
+    from pgexport.train.evaluate import teacher_forced_logits
+    from pgexport.train.finetune import evaluate
+
+    t = time.time()
+    reference = teacher_forced_logits(EagerStepper(model), processor, records, model.cfg.eos_token_id, model.cfg.pad_token_id)
+    summary["eager_fp32"] = {"task": evaluate(model, processor, records, batch_size=64, max_new_tokens=40),
+                             "seconds": round(time.time() - t, 1)}
+    print("eager fp32", summary["eager_fp32"], flush=True)
+    return reference
+
+
+def evaluate_variant(folder: Path, model, processor, records, reference: list, batch_sizes: list[int], threads: int) -> dict:
+    """One export: its validation report, teacher-forced agreement with `reference`, and task
+    accuracy through ONNX Runtime at each batch size."""
+    from pgexport.exporters.quantize import folder_model_bytes
+    from pgexport.exporters.validate import logit_quality, validate_export
+    from pgexport.runtime import OnnxPaliGemma
+    from pgexport.train.evaluate import task_accuracy, teacher_forced_logits
+
+    t = time.time()
+    report = validate_export(folder, model, processor, threads=threads, write=False)
+    rt = OnnxPaliGemma(folder, threads=threads)
+    got = teacher_forced_logits(rt.stepper(), processor, records, model.cfg.eos_token_id, model.cfg.pad_token_id)
+    ref_l, got_l, act = [], [], []
+    for (rl, ra), (gl, _) in zip(reference, got):
+        ref_l += rl
+        got_l += gl
+        act += ra
+    quality = logit_quality(ref_l, got_l, act)
+    quality["disagreements"] = disagreements(ref_l, got_l, act, processor)
+    by_batch = {b: task_accuracy(rt, records, batch_size=b) for b in batch_sizes}
+    rt.close()
+    return {"bytes": folder_model_bytes(folder), "size_ratio": None,
+            "task": by_batch[batch_sizes[0]], "task_batch_size": batch_sizes[0], "task_by_batch_size": by_batch,
+            "teacher_forced": quality,
+            "sample_report": {"passed": report["passed"], "failures": report["failures"], "quality": report["quality"]},
+            "seconds": round(time.time() - t, 1)}
+
+
+def print_variant(name: str, entry: dict) -> None:
+    task, quality, report = entry["task"], entry["teacher_forced"], entry["sample_report"]
+    print(f"{name:11s} ratio {entry['size_ratio']:.3f} exact {task['exact_match']:.4f} iou {task['detect_iou']:.4f} "
+          f"| TF top1 {quality['top1_agreement']:.4f} KL {quality['mean_kl']:.2e} cos {quality['mean_cosine']:.5f} "
+          f"({quality['positions']} positions) | sample passed {report['passed']} "
+          f"top1 {report['quality']['top1_agreement']:.3f} KL {report['quality']['mean_kl']:.2e}", flush=True)
 
 
 def disagreements(reference, got, active, processor) -> dict:

@@ -1,10 +1,10 @@
 """How fast a small SigLIP tower learns shape identity, by shape size (why the dataset's shapes
 fill 0.70-0.95 of their grid cell).
 
-    python benchmarks/probe_shape_sizes.py                  # 600 steps per setting, ~1.5 min each
+    python benchmarks/probe_shape_sizes.py                  # 600 steps per setting
     python benchmarks/probe_shape_sizes.py --sides 0.5-0.85,0.6-0.95,0.7-0.95 --steps 600
 
-For each range of shape sides (a fraction of the 3 x 3 grid cell, `pgexport.dataset.SIDE`) a
+For each range of shape sides (a fraction of the 3 x 3 grid cell, `pgexport.train.dataset.SIDE`) a
 fresh demo-sized tower (4 x 128, 112 px, 14-px patches, the demo's init) with a linear head on
 the mean of its output tokens over each cell is trained to classify what each cell holds
 (nothing or one of the four shapes), on freshly rendered scenes, and scored on 200 held-out
@@ -16,18 +16,21 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import pgexport.dataset as dataset
-from pgexport.demo import demo_config
-from pgexport.image import preprocess_images
-from pgexport.measure import machine_info, write_results
-from pgexport.models.siglip import SiglipVisionTower
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import pgexport.train.dataset as dataset  # noqa: E402
+from benchmarks.common import machine_info, save_results  # noqa: E402
+from pgexport.models.siglip import SiglipVisionTower  # noqa: E402
+from pgexport.processing.image import preprocess_images  # noqa: E402
+from pgexport.train.demo import demo_config  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "probe_shape_sizes"
 
@@ -100,8 +103,7 @@ def main(argv=None) -> int:
              "|---|" + "---|" * len(steps)]
     for name, curve in results["curves"].items():
         lines.append(f"| {name} | " + " | ".join(f"{p['shape_accuracy']:.3f}" for p in curve) + " |")
-    paths = write_results(args.out, results, "\n".join(lines))
-    print("wrote " + ", ".join(map(str, paths)))
+    save_results(args.out, results, "\n".join(lines))
     return 0
 
 

@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import onnxruntime
+
 from pgexport.machine import cpu_flags
 
 _T0 = time.perf_counter()
@@ -275,7 +277,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _meminfo_kb(key: str) -> int | None:
+def meminfo_kb(key: str) -> int | None:
     return _proc_kb("/proc/meminfo", key)
 
 
@@ -298,13 +300,8 @@ def _gpus() -> list[str]:
         return []
 
 
-def _ort_providers() -> list[str] | None:
-    try:
-        import onnxruntime
-
-        return onnxruntime.get_available_providers()
-    except ImportError:
-        return None
+def _ort_providers() -> list[str]:
+    return onnxruntime.get_available_providers()
 
 
 def machine_info(extra_packages: Iterable[str] = ()) -> dict[str, Any]:
@@ -314,8 +311,8 @@ def machine_info(extra_packages: Iterable[str] = ()) -> dict[str, Any]:
         "cpu_flags": cpu_flags(),
         "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "mem_total_gib": round(gib((_meminfo_kb("MemTotal") or 0) * 1024), 2),
-        "mem_available_gib": round(gib((_meminfo_kb("MemAvailable") or 0) * 1024), 2),
+        "mem_total_gib": round(gib((meminfo_kb("MemTotal") or 0) * 1024), 2),
+        "mem_available_gib": round(gib((meminfo_kb("MemAvailable") or 0) * 1024), 2),
         "load_avg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "platform": platform.platform(),
         "python": platform.python_version(),

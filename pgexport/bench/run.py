@@ -108,10 +108,11 @@ def prepare(model_dir: Path, backend: str, cache: Path, progress: Callable[[str]
     return target
 
 
-def _inputs(images: int, records: list | None, work: Path) -> list[dict]:
-    """`images` (image, prompt) pairs: records spread over the labelled data when given (fewer if
-    it holds fewer), else synthetic shapes scenes (pgexport.train.dataset) with the dataset's caption,
-    detection and question prompts in turn."""
+def bench_inputs(images: int, records: list | None, work: Path) -> list[dict]:
+    """The inputs every backend is measured on: `images` (image, prompt) pairs, taken evenly
+    over the labelled `records` when given (fewer if they hold fewer), else synthetic shapes
+    scenes (pgexport.train.dataset) with the dataset's caption, detection and question prompts
+    in turn."""
     if records:
         # evenly spread over the file, so that the prompts mix its tasks (a dataset lists each
         # image's tasks together)
@@ -233,7 +234,7 @@ def run_bench(model: str | os.PathLike | None = None, backends: list[str] | None
     machine = machine_info()  # at the start: memory available and load before the bench's own
     work = Path(tempfile.mkdtemp(prefix=".bench-", dir=out))
     try:
-        inputs = _inputs(images, records, out / "inputs")
+        inputs = bench_inputs(images, records, out / "inputs")
         results, ref_logits = {}, None
         for i, (name, path) in enumerate(plan.items(), 1):
             progress(f"[{i}/{len(plan)}] {name}: measuring ({images} inputs x {repeats} passes, {new_tokens} tokens)")

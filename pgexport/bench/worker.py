@@ -26,7 +26,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -39,7 +39,7 @@ from pgexport.train.evaluate import task_accuracy
 PROGRESS = "progress: "  # stderr lines the parent shows as they come
 
 
-def _load(spec: dict) -> tuple[Any, Any, Any, dict]:
+def load_backend(spec: dict) -> tuple[Any, Any, Any, dict]:
     """(stepper factory, encode_image(pixels), task runner, info) for the backend in `spec`."""
     backend, path, threads = spec["backend"], spec["path"], spec.get("threads")
     info: dict[str, Any] = {}
@@ -104,7 +104,7 @@ def timed_pass(encode, new_stepper, batch: dict, n_new: int, fed=None) -> tuple[
     return vision, prefill, steps, seq_logits
 
 
-def run(spec: dict) -> dict:
+def run(spec: dict, load: Callable[[dict], tuple] = load_backend) -> dict:
     """Measure one backend; returns the JSON-able result (see `pgexport.bench.run` for the schema)."""
     t0 = time.perf_counter()
     if spec["backend"].startswith("onnx"):  # importing the libraries is not the model's load time
@@ -115,7 +115,7 @@ def run(spec: dict) -> dict:
         from pgexport.models import generate  # noqa: F401
     import_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    new_stepper, encode, runner, info = _load(spec)
+    new_stepper, encode, runner, info = load(spec)
     load_s = time.perf_counter() - t0
     rss_loaded = current_rss_bytes()
     processor = PaliGemmaProcessor.from_pretrained(spec["processor"])
@@ -197,10 +197,12 @@ def _peak_gpu(spec: dict) -> int | None:
     return int(torch.cuda.max_memory_allocated())
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, load: Callable[[dict], tuple] | None = None) -> int:
+    """`python -m pgexport.bench.worker SPEC.json RESULT.json`. `load` replaces `load_backend`
+    (benchmarks/bench_quant_baselines.py measures other libraries' backends the same way)."""
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
-    result = run(spec)
+    result = run(spec, load or load_backend)
     tmp = Path(argv[1] + ".tmp")
     tmp.write_text(json.dumps(jsonable(result), indent=2, allow_nan=False) + "\n")
     tmp.replace(argv[1])

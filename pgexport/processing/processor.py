@@ -18,6 +18,7 @@ gives the same ids.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -129,8 +130,11 @@ class PaliGemmaProcessor:
             batch["labels"] = np.where(token_type_ids == 1, input_ids, -100)  # loss on the suffix only
 
         if return_tensors == "pt":
-            import torch  # lazy: the ONNX Runtime path has no torch
-
+            # This module never imports torch (the ONNX Runtime path has none); a caller asking for
+            # torch tensors has imported it already.
+            torch = sys.modules.get("torch")
+            if torch is None:
+                raise PgExportError("return_tensors='pt' needs PyTorch: import torch first, or use 'np'")
             return {k: torch.from_numpy(v) for k, v in batch.items()}
         return batch
 
