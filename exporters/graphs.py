@@ -19,7 +19,7 @@ have the weights' dtype (float16 in an fp16 export, so the cache takes half the 
 
 Prefill treats the whole prompt as the bidirectional prefix (padding excluded). Decode has no
 prefix: its token is causal, at query slot `past`, with RoPE position `attention_mask.sum(-1)`
-(1-based count of real tokens), and Gemma 2 sliding layers apply the window on slots. Left and
+(1-based count of real tokens), and Gemma 2 sliding layers count their window in real tokens. Left and
 right padding both work because positions, masks and the last-token index all derive from
 `attention_mask`.
 """

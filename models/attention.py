@@ -20,7 +20,7 @@ def prefix_lm_mask(
     kv_valid: torch.Tensor,  # [B, T] bool: slot holds a real (non-padding) token
     kv_prefix: torch.Tensor,  # [B, T] bool: slot belongs to the bidirectional prefix
     q_prefix: torch.Tensor,  # [B, S] bool: query belongs to the prefix
-    window: int | None = None,  # Gemma 2 sliding layers: see at most `window` slots back
+    window: int | None = None,  # Gemma 2 sliding layers: see at most `window` real tokens back
 ) -> torch.Tensor:
     """Boolean mask `[B, 1, S, T]` combining causal, sliding-window, prefix and padding rules.
 
@@ -32,12 +32,17 @@ def prefix_lm_mask(
     [[1, 1, 0], [1, 1, 0], [1, 1, 1]]
     """
     kv_slots = torch.arange(kv_valid.shape[1], device=kv_valid.device)
-    diff = q_slots[:, None] - kv_slots[None, :]  # [S, T] how far back each key is
-    causal = diff >= 0
+    diff = q_slots[:, None] - kv_slots[None, :]  # [S, T] how far back each key is, in slots
+    causal = (diff >= 0)[None]  # [1, S, T]
     if window is not None:
-        causal = causal & (diff < window)
+        # The window counts tokens, not slots: padding inside the buffer (right padding, or a
+        # padded row's generated tokens) must not take the place of real tokens. A row then
+        # attends exactly as it would alone.
+        kv_pos = kv_valid.long().cumsum(-1)  # [B, T] real tokens up to and including each slot
+        q_pos = kv_pos[:, q_slots]  # [B, S]
+        causal = causal & ((q_pos[:, :, None] - kv_pos[:, None, :]) < window)  # [B, S, T]
     bidirectional = q_prefix[:, :, None] & kv_prefix[:, None, :]  # [B, S, T]
-    allowed = (causal[None] | bidirectional) & kv_valid[:, None, :]
+    allowed = (causal | bidirectional) & kv_valid[:, None, :]
     # A padding query would otherwise see nothing, and an empty softmax row is NaN, which
     # would leak into later layers through its keys/values. Let every query see itself.
     allowed = allowed | (diff == 0)[None]

@@ -26,10 +26,10 @@ MAX_NEW = 20
 # head_dim, head_dim != hidden / heads, sliding windows (16, 5) shorter than the sequence,
 # 56 / 84 / 112 px images.
 PARITY_VARIANTS = ["pg1", "pg1-kv2", "pg1-img84", "pg2", "pg2-kv1-win5", "pg2-mha-3l", "pg2-img112"]
-# Variants whose sliding window (if any) never cuts a test sequence: padding must not change
-# what a row generates. (With a window shorter than the sequence, the window counts KV slots,
-# padding included, exactly as in transformers, so a padded row may differ from the row alone.)
-NO_WINDOW_VARIANTS = ["pg1", "pg1-kv2", "pg1-img84", "pg2-nowin"]
+# Padding must not change what a row generates, sliding windows included: the window counts
+# real tokens, not KV slots (tests/test_sliding_window.py checks the logits against
+# transformers on each row alone).
+BATCH_VARIANTS = PARITY_VARIANTS + ["pg2-nowin"]
 
 
 def real_max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
@@ -134,7 +134,7 @@ def test_eos_row_is_padded_like_transformers(hf_model_pair):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("variant", NO_WINDOW_VARIANTS)
+@pytest.mark.parametrize("variant", BATCH_VARIANTS)
 def test_batch_generates_what_each_prompt_generates_alone(hf_model_pair, variant, side):
     hf, ours, cfg = hf_model_pair(variant)
     lens = [7, 1, 4]
@@ -192,7 +192,8 @@ def _brute_force_mask(q_slots, kv_valid, kv_prefix, q_prefix, window):
     out = torch.zeros(B, 1, S, T, dtype=torch.bool)
     for b, s, t in itertools.product(range(B), range(S), range(T)):
         q = int(q_slots[s])
-        causal = t <= q and (window is None or q - t < window)
+        between = int(kv_valid[b, t + 1:q + 1].sum())  # real tokens after the key, up to the query
+        causal = t <= q and (window is None or between < window)
         both_prefix = bool(q_prefix[b, s]) and bool(kv_prefix[b, t])
         # A query always sees its own slot (a padding query would otherwise see nothing).
         out[b, 0, s, t] = ((causal or both_prefix) and bool(kv_valid[b, t])) or t == q
@@ -232,7 +233,12 @@ def test_prefix_lm_mask_prefill_layout():
         [0, 0, 1, 1, 1, 1, 1],
     ]
     w = prefix_lm_mask(torch.arange(7), valid, prefix, prefix, window=2)[0, 0].int().tolist()
-    assert w[6] == [0, 0, 0, 0, 0, 1, 1]  # a causal query sees only `window` slots back
+    assert w[6] == [0, 0, 0, 0, 0, 1, 1]  # a causal query sees only `window` tokens back
+    # The window counts real tokens: a row with padding inside (right-padded prompt, then a
+    # generated token) sees as far back as the same row without it.
+    gap = torch.tensor([[1, 1, 1, 0, 0, 1]]).bool()
+    assert prefix_lm_mask(torch.tensor([5]), gap, gap & False, torch.tensor([[False]]), window=3)[0, 0].int().tolist() \
+        == [[0, 1, 1, 0, 0, 1]]
     assert w[2] == [0, 0, 1, 1, 1, 0, 0]  # the bidirectional prefix ignores the window
 
 
