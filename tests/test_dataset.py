@@ -142,6 +142,34 @@ def test_read_jsonl_errors(tmp_path):
         read_jsonl(bad)
     with pytest.raises(PgExportError, match="not found"):
         read_jsonl(tmp_path / "missing.jsonl")
+    for line, message in [('["x.png", "caption en", "a"]', "not a JSON object"),
+                          ('{"image": "x.png", "prefix": "caption en", "suffix": 3}', "suffix not a string"),
+                          ('{"image": "", "prefix": "caption en", "suffix": "a"}', "image is empty"),
+                          ('{"image": "x.png", "prefix": "caption en", "suffix": "a"', "not valid JSON")]:
+        bad.write_text('{"image": "x.png", "prefix": "caption en", "suffix": "a"}\n\n' + line + "\n")
+        with pytest.raises(PgExportError, match=re.escape(f"{bad}:3")) as info:
+            read_jsonl(bad)
+        assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_read_jsonl_checks_images_on_request(tmp_path):
+    """Paths are resolved against the JSONL file; with check_images every distinct image is
+    decoded and the first bad one is reported with the line of its first record."""
+    render(next(make_examples(seed=0, num_images=1))[0]).save(tmp_path / "ok.png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    data = tmp_path / "d.jsonl"
+    rows = [("ok.png", "caption en"), ("ok.png", "detect circle"), ("missing.png", "caption en"), ("empty.png", "caption en")]
+    data.write_text("".join(json.dumps({"image": i, "prefix": p, "suffix": "a"}) + "\n" for i, p in rows))
+    records = read_jsonl(data)  # without the check, only the lines are read
+    assert [r.image for r in records] == [str(tmp_path / i) for i, _ in rows]
+    assert [r.task for r in records] == ["caption", "detect", "caption", "caption"]
+    with pytest.raises(PgExportError, match=re.escape(f"{data}:3: image file not found")):
+        read_jsonl(data, check_images=True)
+    data.write_text("".join(json.dumps({"image": i, "prefix": p, "suffix": "a"}) + "\n" for i, p in rows[:2] + rows[3:]))
+    with pytest.raises(PgExportError, match=re.escape(f"{data}:3: ")):
+        read_jsonl(data, check_images=True)
+    data.write_text("".join(json.dumps({"image": i, "prefix": p, "suffix": "a"}) + "\n" for i, p in rows[:2]))
+    assert len(read_jsonl(data, check_images=True)) == 2
 
 
 def test_cli_dataset(tmp_path):

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -253,6 +252,45 @@ def test_cli_finetune(tiny_folder, shapes, tmp_path):
     assert torch.equal(dict(before.named_parameters())[name], dict(after.named_parameters())[name])
 
 
+def _bad_data(shapes, tmp_path, problem):
+    """The shapes training data (absolute image paths) in tmp_path, broken at line 3 by `problem`."""
+    records = [json.loads(line) for line in (shapes / "train.jsonl").read_text().splitlines()]
+    for record in records:
+        record["image"] = str(shapes / record["image"])
+    lines = [json.dumps(r) for r in records]
+    if problem == "json":
+        lines[2] = lines[2][:-1]
+    elif problem == "field":
+        del records[2]["suffix"]
+    elif problem == "missing image":
+        records[2]["image"] = str(tmp_path / "nope.png")
+    elif problem == "corrupt image":
+        image = Path(records[2]["image"]).read_bytes()
+        (tmp_path / "truncated.png").write_bytes(image[: len(image) // 2])
+        records[2]["image"] = str(tmp_path / "truncated.png")
+    if problem != "json":
+        lines[2] = json.dumps(records[2])
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    return data
+
+
+@pytest.mark.parametrize("problem", ["json", "field", "missing image", "corrupt image"])
+@pytest.mark.parametrize("which", ["--data", "--val-data"])
+def test_cli_finetune_checks_the_data_before_writing(tiny_folder, shapes, tmp_path, problem, which):
+    """A bad line or image in the training or validation data fails with one line naming the
+    JSONL file and line, before --out is created (no training started, no half-written folder)."""
+    bad = _bad_data(shapes, tmp_path, problem)
+    good = shapes / "train.jsonl"
+    train, val = (bad, shapes / "val.jsonl") if which == "--data" else (good, bad)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["finetune", "--model", str(tiny_folder), "--data", str(train), "--val-data", str(val),
+                                  "--out", str(out), "--max-steps", "1"])
+    assert r.exit_code == 1, r.output
+    assert r.output.count("\n") == 1 and f"{bad}:3" in r.output and "Traceback" not in r.output, r.output
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------- the demo model
 
 # The trained weights are produced by examples/train_demo.py and shipped in pgexport/assets/demo
@@ -260,7 +298,7 @@ def test_cli_finetune(tiny_folder, shapes, tmp_path):
 from pgexport.train.demo import DEMO_DIR as _DEMO_DIR  # noqa: E402
 
 needs_demo = pytest.mark.skipif(not (_DEMO_DIR / "config.json").is_file(),
-                                reason="demo model not trained yet: run examples/train_demo.py (issue 3 open)")
+                                reason="demo model not trained yet: run examples/train_demo.py")
 
 
 @needs_demo
@@ -279,10 +317,9 @@ def test_default_model_is_the_demo():
 def demo_fresh_metrics(tmp_path_factory):
     """The shipped demo model scored on a test set generated here, from the seed that
     examples/train_demo.py reports on (1234; the model trained on seed 0's scenes, and the splits
-    never share a scene): (metrics, counts, wrong answers, seconds)."""
+    never share a scene): (metrics, counts, wrong answers)."""
     from pgexport.train.demo import DEMO_DIR
 
-    t0 = time.time()
     torch.manual_seed(0)
     test_seed = json.loads((DEMO_DIR / "training.json").read_text())["test_seed"]
     data = write_dataset(tmp_path_factory.mktemp("fresh"), seed=test_seed, train=0, val=0, test=100)["test"]
@@ -291,7 +328,7 @@ def demo_fresh_metrics(tmp_path_factory):
     metrics, counts, predictions = evaluate(model, processor, read_jsonl(data), batch_size=64, max_new_tokens=40,
                                             return_predictions=True)
     wrong = [(r.prefix, r.suffix, text) for r, text in predictions if r.task != "detect" and text.strip() != r.suffix][:5]
-    return metrics, counts, wrong, time.time() - t0
+    return metrics, counts, wrong
 
 
 @needs_demo
@@ -300,19 +337,18 @@ def test_demo_model_reaches_its_stated_accuracy_on_a_fresh_test_set(demo_fresh_m
     generated in this test; 0.02 absolute allows other machines' floating-point differences."""
     from pgexport.train.demo import DEMO_DIR
 
-    metrics, counts, wrong, seconds = demo_fresh_metrics
+    metrics, counts, wrong = demo_fresh_metrics
     stated = json.loads((DEMO_DIR / "training.json").read_text())["test_metrics"]
     assert counts == json.loads((DEMO_DIR / "training.json").read_text())["test_counts"]
     for key in ("caption", "color", "count", "position", "exact_match", "detect_iou"):
         assert metrics[key] >= stated[key] - 0.02, (key, metrics, stated, wrong)
-    assert seconds < 120
 
 
 @needs_demo
-def test_demo_model_meets_the_issue_targets(demo_fresh_metrics):
-    """Issue 3's targets: >= 95% exact match on captions and on question answering (colour,
+def test_demo_model_meets_its_targets(demo_fresh_metrics):
+    """The demo model's targets: >= 95% exact match on captions and on question answering (colour,
     count and position questions pooled), mean detection IoU >= 0.7."""
-    metrics, counts, wrong, _ = demo_fresh_metrics
+    metrics, counts, wrong = demo_fresh_metrics
     assert metrics["caption"] >= 0.95, (metrics, wrong)
     questions = ("color", "count", "position")
     answered = sum(metrics[t] * counts[t] for t in questions) / sum(counts[t] for t in questions)

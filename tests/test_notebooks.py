@@ -47,6 +47,7 @@ def test_notebook_committed_with_outputs(path):
     assert not errors, f"{path.name} was saved with errors: {errors}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the kernel inherits the environment: CPU only

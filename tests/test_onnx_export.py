@@ -20,7 +20,8 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from pgexport.exporters.graphs import decode_inputs, decode_outputs, prefill_outputs  # noqa: E402
-from pgexport.exporters.onnx_export import check_external_data, export_onnx  # noqa: E402
+from pgexport.exporters.onnx_export import export_onnx  # noqa: E402
+from pgexport.runtime.onnx_files import check_external_data  # noqa: E402
 from pgexport.runtime.generation import generate_tokens  # noqa: E402
 from pgexport.models import PaliGemma, PaliGemmaConfig  # noqa: E402
 from pgexport.eager.generate import generate  # noqa: E402
@@ -183,47 +184,43 @@ def test_single_prompt_and_other_shapes(exported):
         assert got.tolist() == ref.tolist()
 
 
-def test_shared_external_data_appends_and_dedupes(tmp_path):
-    """Tensors of a second model that the first lacks are appended to the same file (rewritten in
-    place by onnx_ir); identical tensors, within or across models, are stored once."""
-    import onnx_ir as ir
-
-    from pgexport.exporters.onnx_export import _SharedExternalData
+def test_data_file_stores_each_tensor_once(tmp_path):
+    """`DataFile` (the writer of the export's and the quantizer's external data): equal bytes of
+    the same type are stored once, also after a flush (a second graph appending to the file),
+    equal bytes of another type are kept apart, and every tensor starts at a multiple of `align`."""
+    from pgexport.exporters.external_data import DataFile
 
     rng = np.random.default_rng(0)
-    a, b, c = (rng.standard_normal((8, 16)).astype(np.float32) for _ in range(3))
+    a, b, c = (rng.standard_normal((3, 5)).astype(np.float32) for _ in range(3))  # 60 bytes: not aligned
+    data = DataFile(tmp_path / "shared.data", align=64)
+    where_a, where_b = data.write(onnx.TensorProto.FLOAT, a), data.write(onnx.TensorProto.FLOAT, b)
+    assert data.write(onnx.TensorProto.FLOAT, a.copy()) == where_a
+    data.flush()
+    where_c = data.write(onnx.TensorProto.FLOAT, c)
+    assert data.write(onnx.TensorProto.FLOAT, b) == where_b
+    where_int = data.write(onnx.TensorProto.INT32, a.view(np.int32))
+    data.close()
+    written = {where_a: a, where_b: b, where_c: c, where_int: a}
+    assert len(written) == 4
+    raw = (tmp_path / "shared.data").read_bytes()
+    for (offset, length), array in written.items():
+        assert offset % 64 == 0 and length == array.nbytes
+        assert raw[offset:offset + length] == array.tobytes()
+    assert len(raw) == max(offset + length for offset, length in written)
 
-    def model(arrays):
-        x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([8, 16]))
-        inits = [ir.Value(name=f"w{i}", const_value=ir.tensor(arr, name=f"w{i}"), type=ir.TensorType(ir.DataType.FLOAT),
-                          shape=ir.Shape(arr.shape)) for i, arr in enumerate(arrays)]
-        nodes, prev = [], x
-        for w in inits:
-            nodes.append(ir.node("Add", [prev, w]))
-            prev = nodes[-1].outputs[0]
-        prev.name, prev.type, prev.shape = "y", ir.TensorType(ir.DataType.FLOAT), ir.Shape([8, 16])
-        graph = ir.Graph([x], [prev], nodes=nodes, initializers=inits, opset_imports={"": 20}, name="g")
-        return ir.Model(graph, ir_version=10)
 
-    m1, m2 = model([a, b, a]), model([b, c])
-    store = _SharedExternalData(tmp_path, "shared.data")
-    store.add(m1)
-    store.flush()
-    store.add(m2)
-    store.finish()
-    ir.save(m1, tmp_path / "m1.onnx")
-    ir.save(m2, tmp_path / "m2.onnx")
-    assert (tmp_path / "shared.data").stat().st_size == 3 * a.nbytes
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m1.onnx", "m2.onnx", "shared.data"]
-    x = rng.standard_normal((8, 16)).astype(np.float32)
-    for name, arrays in (("m1.onnx", [a, b, a]), ("m2.onnx", [b, c])):
-        onnx.checker.check_model(str(tmp_path / name))
-        check_external_data(tmp_path / name)
-        (y,) = _session(tmp_path / name).run(None, {"x": x})
-        ref = x
-        for arr in arrays:  # same order as the graph's Adds
-            ref = ref + arr
-        np.testing.assert_array_equal(y, ref)
+def test_prefill_and_decode_share_their_weights(exported):
+    """prefill.onnx and decode.onnx point their common weights at the same bytes of
+    decoder.onnx.data, which holds each distinct tensor once, back to back."""
+    _, out, info = exported
+    refs = {name: {r.name: (r.location, r.offset, r.length) for r in check_external_data(out / name)}
+            for name in ("prefill.onnx", "decode.onnx")}
+    common = set(refs["prefill.onnx"]) & set(refs["decode.onnx"])
+    assert any("embed_tokens" in name for name in common)
+    assert {n: refs["prefill.onnx"][n] for n in common} == {n: refs["decode.onnx"][n] for n in common}
+    spans = sorted({(offset, length) for graph in refs.values() for _, offset, length in graph.values()})
+    assert [offset for offset, _ in spans] == [0] + [o + n for o, n in spans[:-1]]  # no gaps, no overlaps
+    assert sum(n for _, n in spans) == (out / "decoder.onnx.data").stat().st_size == info["files"]["decoder.onnx.data"]
 
 
 # ----------------------------------------------------------------------------- streaming export

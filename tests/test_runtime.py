@@ -471,15 +471,10 @@ def test_cli_errors():
     assert code == 1 and "not found" in output and output.count("\n") == 1
     code, output = invoke("onnx", "--out", "x", "--quant", "int3")
     assert code == 2 and "int3" in output
-    if not pipeline.supports_dtype():
-        code, output = invoke("onnx", "--out", "x", "--quant", "fp16")
-        assert code == 1 and "not available yet" in output and output.count("\n") == 1
 
 
 # ----------------------------------------------------------------------------- export_folder
 def test_fp16_export_runs(tmp_path):
-    if not pipeline.supports_dtype():
-        pytest.skip("export_onnx has no dtype option yet: --quant fp16 reports 'not available yet'")
     model = random_model(PaliGemmaConfig.from_preset("paligemma-tiny"))
     out = tmp_path / "fp16"
     result = export_folder(model, out, quant="fp16", progress=None, threads=1, max_new_tokens=8)
@@ -512,7 +507,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch, export_pg1):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline, "export_onnx", copying_export_onnx(export_pg1[2]))
-    monkeypatch.setattr(pipeline, "_write_tokenizer", boom)
+    monkeypatch.setattr(pipeline, "write_preprocessor_config", boom)
     out = tmp_path / "exports" / "interrupted"
     with pytest.raises(KeyboardInterrupt):
         export_folder(model, out, progress=None, validate=False)

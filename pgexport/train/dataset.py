@@ -38,10 +38,11 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pgexport.processing.detection import encode_box, parse_detections
 from pgexport.errors import PgExportError
+from pgexport.processing.detection import encode_box, parse_detections
+from pgexport.processing.image import load_image
 
-IMAGE_SIZE = 224  # rendered side in pixels (the demo model resizes to 84)
+IMAGE_SIZE = 224  # rendered side in pixels (a model resizes it to its own input size)
 GRID = 3  # 3 x 3 cells, one shape per cell at most
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220),
@@ -220,7 +221,7 @@ def make_examples(seed: int, num_images: int, split: str = "train", exclude: set
 def write_dataset(out: str | Path, seed: int = 0, train: int = 2000, val: int = 100, test: int = 200,
                   size: int = IMAGE_SIZE, progress=None) -> dict[str, Path]:
     """Write `images/` and `{train,val,test}.jsonl` under `out`; `train`/`val`/`test` count images
-    (each gives 4-5 examples). Returns the JSONL paths. Deterministic from `seed`."""
+    (each gives 3-5 examples, mostly 5). Returns the JSONL paths. Deterministic from `seed`."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise PgExportError(f"{out} exists and is not empty; choose another --out or remove it")
@@ -244,23 +245,46 @@ def write_dataset(out: str | Path, seed: int = 0, train: int = 2000, val: int = 
     return paths
 
 
-def read_jsonl(path: str | Path) -> list[Example]:
-    """Read `{image, prefix, suffix[, task]}` lines; image paths are made absolute (relative to the file)."""
+def read_jsonl(path: str | Path, check_images: bool = False) -> list[Example]:
+    """Read `{image, prefix, suffix[, task]}` lines; image paths are made absolute (relative to the file).
+
+    Every line must be a JSON object whose `image`, `prefix` and `suffix` (and `task`, if given)
+    are strings; the first line that is not fails with a one-line `PgExportError` naming
+    `path:line`. With `check_images`, every distinct image is also opened and decoded (as
+    training loads it, `load_image`), so a missing or corrupt file fails here, with the line of
+    its first record, rather than part way through training."""
     path = Path(path)
     if not path.is_file():
         raise PgExportError(f"data file {path} not found; create one with `pgexport dataset --out DIR` or pass a JSONL file")
     records = []
-    with open(path) as f:
+    checked: set[str] = set()
+    with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{path}:{n}"
             try:
                 d = json.loads(line)
-                image, prefix, suffix = d["image"], d["prefix"], d["suffix"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise PgExportError(f"{path}:{n} is not a JSON object with image, prefix and suffix ({e}); fix the line") from None
+            except json.JSONDecodeError as e:
+                raise PgExportError(f"{where} is not valid JSON ({e.msg}, column {e.colno}); fix the line") from None
+            if not isinstance(d, dict):
+                raise PgExportError(f"{where} is not a JSON object with image, prefix and suffix; fix the line")
+            missing = [k for k in ("image", "prefix", "suffix") if k not in d]
+            if missing:
+                raise PgExportError(f"{where} has no {', '.join(missing)}; every line needs image, prefix and suffix")
+            wrong = [k for k in ("image", "prefix", "suffix", "task") if k in d and not isinstance(d[k], str)]
+            if wrong or not d["image"]:
+                what = f"{', '.join(wrong)} not a string" if wrong else "image is empty"
+                raise PgExportError(f"{where}: {what}; image, prefix, suffix and task are strings")
+            image = d["image"]
             full = image if os.path.isabs(image) else str(path.parent / image)
-            records.append(Example(full, prefix, suffix, d.get("task") or task_of(prefix)))
+            if check_images and full not in checked:
+                try:
+                    load_image(full)
+                except PgExportError as e:
+                    raise PgExportError(f"{where}: {e}") from None
+                checked.add(full)
+            records.append(Example(full, d["prefix"], d["suffix"], d.get("task") or task_of(d["prefix"])))
     if not records:
         raise PgExportError(f"{path} holds no examples")
     return records

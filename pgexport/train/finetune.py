@@ -311,8 +311,9 @@ def finetune(model, data: str | Path | list[Example], out: str | Path, val_data=
     cfg = config or TrainConfig()
     out = Path(out)
     device = resolve_device(cfg.device)
-    train = data if isinstance(data, list) else read_jsonl(data)
-    val = (val_data if isinstance(val_data, list) else read_jsonl(val_data)) if val_data is not None else None
+    # The whole data set is checked (every line, every image opened) before anything is written.
+    train = data if isinstance(data, list) else read_jsonl(data, check_images=True)
+    val = (val_data if isinstance(val_data, list) else read_jsonl(val_data, check_images=True)) if val_data is not None else None
     if processor is None:
         if isinstance(model, (str, Path)):
             processor = load_processor(model)
