@@ -11,7 +11,7 @@ from pgexport.errors import PgExportError
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_model": "api", "load_processor": "api", "generate": "api", "init_checkpoint": "api",
+    "load_model": "api", "load_processor": "api", "generate": "api", "generate_stream": "api", "init_checkpoint": "api",
     "sample_image": "api", "export": "api", "quantize": "api", "OnnxPaliGemma": "runtime", "Sampling": "runtime",
 }
 

@@ -21,13 +21,13 @@ from typing import Any
 
 from pgexport.bundled import SAMPLE_IMAGE, default_model, sample_image
 from pgexport.eager import loading
-from pgexport.eager.generate import generate_text
+from pgexport.eager.generate import generate_stream, generate_text
 from pgexport.eager.quanto import is_quantized_folder, quantize_checkpoint
 from pgexport.errors import PgExportError
 from pgexport.exporters.pipeline import export_folder
 
 __all__ = ["SAMPLE_IMAGE", "sample_image", "default_model", "load_model", "load_processor", "init_checkpoint",
-           "generate", "export", "quantize"]
+           "generate", "generate_stream", "export", "quantize"]
 
 init_checkpoint = loading.init_checkpoint
 # Text for each (image, prompt) pair with the eager model: generate(model, processor, images, prompts, max_new_tokens=32)

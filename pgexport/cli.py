@@ -134,7 +134,9 @@ def init(preset: str, out: str, seed: int, dtype: str):
 @click.option("--top-p", default=None, type=click.FloatRange(0, 1, min_open=True), help="Nucleus sampling.")
 @click.option("--seed", default=None, type=int, help="Sampling seed.")
 @click.option("--draw", default=None, type=click.Path(dir_okay=False), help="For detect prompts: save the image with boxes here.")
-def generate(model_spec, image_path, prompt, max_new_tokens, backend, device, dtype, temperature, top_k, top_p, seed, draw):
+@click.option("--stream", is_flag=True, help="Print the text as it is generated.")
+def generate(model_spec, image_path, prompt, max_new_tokens, backend, device, dtype, temperature, top_k, top_p, seed, draw,
+             stream):
     """Generate text for one image and prompt; prints boxes for `detect` prompts.
 
     With --backend onnx, --model is an export folder (pgexport onnx) and PyTorch is not needed.
@@ -142,22 +144,33 @@ def generate(model_spec, image_path, prompt, max_new_tokens, backend, device, dt
     \b
     Example:
       pgexport generate --model paligemma-3b-pt-224 --image cat.jpg --prompt "detect cat" --draw out.png
-      pgexport generate --backend onnx --model exports/pg-224 --image cat.jpg --prompt "caption en"
+      pgexport generate --backend onnx --model exports/pg-224 --image cat.jpg --prompt "caption en" --stream
     """
     if draw:
         _check_writable_image(draw)  # before the slow part, not after it
     image = load_image(image_path or SAMPLE_IMAGE)
     sampling = Sampling(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed) if temperature > 0 else None
     if backend == "onnx":  # ONNX Runtime only: nothing here may import torch
-        text = _generate_onnx(model_spec, device, dtype, image, prompt, max_new_tokens, sampling)
+        pieces = _generate_onnx(model_spec, device, dtype, image, prompt, max_new_tokens, sampling, stream)
     else:
         from pgexport.api import generate as run_generate
-        from pgexport.api import load_model, load_processor
+        from pgexport.api import generate_stream, load_model, load_processor
 
         model = load_model(model_spec, dtype=dtype, device=device)
         processor = load_processor(model_spec)
-        text = run_generate(model, processor, [image], [prompt], max_new_tokens=max_new_tokens, sampling=sampling)[0]
-    click.echo(text)
+        pieces = (generate_stream(model, processor, image, prompt, max_new_tokens=max_new_tokens, sampling=sampling)
+                  if stream else run_generate(model, processor, [image], [prompt], max_new_tokens=max_new_tokens,
+                                              sampling=sampling))
+    if stream:
+        text = ""
+        for piece in pieces:  # as the tokens arrive
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+            text += piece
+        click.echo()
+    else:
+        text = pieces[0]
+        click.echo(text)
     if prompt.startswith("detect"):
         detections = parse_detections(text, image.width, image.height)
         for d in detections:
@@ -171,8 +184,9 @@ def generate(model_spec, image_path, prompt, max_new_tokens, backend, device, dt
             click.echo(f"wrote {draw}")
 
 
-def _generate_onnx(export_dir, device, dtype, image, prompt, max_new_tokens, sampling) -> str:
-    """`generate --backend onnx`: OnnxPaliGemma on an export folder (torch-free)."""
+def _generate_onnx(export_dir, device, dtype, image, prompt, max_new_tokens, sampling, stream: bool):
+    """`generate --backend onnx`: OnnxPaliGemma on an export folder (torch-free); the text as a
+    one-element list, or with `stream` an iterator of its pieces."""
     if not export_dir:
         raise PgExportError("--backend onnx needs --model EXPORT_DIR, a folder written by `pgexport onnx`")
     if dtype not in ("float32", "fp32"):
@@ -182,7 +196,9 @@ def _generate_onnx(export_dir, device, dtype, image, prompt, max_new_tokens, sam
     if name not in ("cpu", "cuda") or (index and not index.isdigit()) or (name == "cpu" and index):
         raise PgExportError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
     model = OnnxPaliGemma(export_dir, provider=name, device_id=int(index or 0))
-    return model.generate([image], [prompt], max_new_tokens=max_new_tokens, sampling=sampling)[0]
+    if stream:
+        return model.generate_stream(image, prompt, max_new_tokens=max_new_tokens, sampling=sampling)
+    return model.generate([image], [prompt], max_new_tokens=max_new_tokens, sampling=sampling)
 
 
 def _check_writable_image(path: str) -> None:

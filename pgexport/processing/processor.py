@@ -138,6 +138,16 @@ class PaliGemmaProcessor:
             return {k: torch.from_numpy(v) for k, v in batch.items()}
         return batch
 
+    def generation_batch(self, images, prompts, max_new_tokens: int, context: int | None,
+                         padding_side: str = "left") -> dict:
+        """The batch to generate `max_new_tokens` from, checked against the model's `context`
+        (prompt + new tokens must fit; None: no limit known)."""
+        if context is not None and max_new_tokens >= context:
+            raise PgExportError(f"max_new_tokens={max_new_tokens} does not fit the model's context of {context} "
+                                "tokens (prompt included); ask for fewer new tokens")
+        return self(images=images, prompts=prompts, padding_side=padding_side,
+                    max_length=None if context is None else context - max_new_tokens)
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         """Token ids (list, NumPy or torch, 1-D) -> text; loc/seg tokens are kept as text."""
         return self.tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1)],

@@ -10,7 +10,7 @@ gives the same samples on each.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import numpy as np
 
@@ -63,29 +63,49 @@ def select_tokens(logits: np.ndarray, sampling: Sampling, rng: np.random.Generat
     return (np.cumsum(probs, -1) < u).sum(-1).clip(max=probs.shape[-1] - 1).astype(np.int64)
 
 
-def generate_tokens(
+def iter_tokens(
     stepper: Stepper,
     input_ids: np.ndarray,  # [B, S]
     attention_mask: np.ndarray,  # [B, S]
     pixel_values: np.ndarray,  # [B, 3, H, W]
     max_new_tokens: int,
-    eos_token_id: int,
+    eos_token_id: int | None,
     pad_token_id: int,
     sampling: Sampling | None = None,
-) -> np.ndarray:
-    """New tokens `[B, n]` (n <= max_new_tokens); rows that hit eos are padded after it."""
+) -> Iterator[np.ndarray]:
+    """The tokens `[B]` of each step, yielded as soon as they are chosen (before the next step
+    runs); rows that hit eos get `pad_token_id` afterwards. Stops when every row has hit eos or
+    after `max_new_tokens`; a consumer that stops iterating (or calls `close()`) stops decoding.
+
+    >>> for tokens in iter_tokens(stepper, ids, mask, pixels, 32, eos, pad):  # doctest: +SKIP
+    ...     print(tokens)
+    """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     sampling = sampling or Sampling()
     rng = np.random.default_rng(sampling.seed)
     logits = stepper.prefill(input_ids, attention_mask, pixel_values, max_new_tokens)
     finished = np.zeros(input_ids.shape[0], dtype=bool)
-    out = []
     for step in range(max_new_tokens):
         tokens = np.where(finished, pad_token_id, select_tokens(logits, sampling, rng))
-        out.append(tokens)
+        yield tokens
         finished |= tokens == eos_token_id
         if finished.all() or step == max_new_tokens - 1:
-            break
+            return
         logits = stepper.decode(tokens)
-    return np.stack(out, axis=1)
+
+
+def generate_tokens(
+    stepper: Stepper,
+    input_ids: np.ndarray,  # [B, S]
+    attention_mask: np.ndarray,  # [B, S]
+    pixel_values: np.ndarray,  # [B, 3, H, W]
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    sampling: Sampling | None = None,
+) -> np.ndarray:
+    """New tokens `[B, n]` (n <= max_new_tokens); rows that hit eos are padded after it."""
+    steps = iter_tokens(stepper, input_ids, attention_mask, pixel_values, max_new_tokens, eos_token_id,
+                        pad_token_id, sampling)
+    return np.stack(list(steps), axis=1)

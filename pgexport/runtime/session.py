@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -60,8 +60,9 @@ from tokenizers import Tokenizer
 
 from pgexport.errors import PgExportError, one_line
 from pgexport.processing.processor import PaliGemmaProcessor
+from pgexport.processing.streaming import stream_text
 from pgexport.processing.tokenizer import load_tokenizer
-from pgexport.runtime.generation import Sampling, generate_tokens
+from pgexport.runtime.generation import Sampling, generate_tokens, iter_tokens
 from pgexport.runtime.manifest import Manifest, describe_quantization, read_manifest
 from pgexport.runtime.onnx_files import ExternalRef, check_external_data, load_graph_proto
 
@@ -365,15 +366,25 @@ class OnnxPaliGemma:
     def generate(self, images, prompts, max_new_tokens: int = 32, sampling: Sampling | None = None,
                  padding_side: str = "left") -> list[str]:
         """Text for each (image, prompt) pair (one image may serve all prompts); greedy by default."""
-        context = self.manifest.max_position_embeddings
-        if context is not None and max_new_tokens >= context:
-            raise PgExportError(f"max_new_tokens={max_new_tokens} does not fit the model's context of {context} "
-                                "tokens (prompt included); ask for fewer new tokens")
-        batch = self.processor(images=images, prompts=prompts, padding_side=padding_side,
-                               max_length=None if context is None else context - max_new_tokens)
+        batch = self.processor.generation_batch(images, prompts, max_new_tokens, self.manifest.max_position_embeddings,
+                                                padding_side)
         ids = self.generate_ids(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                                 max_new_tokens, sampling)
         return self.processor.batch_decode(ids, skip_special_tokens=True)
+
+    def generate_stream(self, image, prompt: str, max_new_tokens: int = 32,
+                        sampling: Sampling | None = None) -> Iterator[str]:
+        """The text for one image and prompt, in pieces as the tokens arrive; joined, the pieces
+        are `generate`'s text. Stop iterating (or `close()` the iterator) to stop generating.
+
+        >>> for piece in model.generate_stream(image, "caption en"):  # doctest: +SKIP
+        ...     print(piece, end="", flush=True)
+        """
+        m = self.manifest
+        batch = self.processor.generation_batch([image], [prompt], max_new_tokens, m.max_position_embeddings)
+        steps = iter_tokens(self.stepper(), batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                            max_new_tokens, m.eos_token_id, m.pad_token_id, sampling)
+        return stream_text(steps, self.processor.tokenizer, m.eos_token_id)
 
 
 def _share_mode(share_weights: bool | str, provider: str) -> str | None:
