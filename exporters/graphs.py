@@ -13,6 +13,16 @@ Each wrapper holds the *same* model object that runs eagerly and calls its build
     decode.onnx          input_ids [batch, 1], attention_mask [batch, past + 1],
                          past_key_values.{i}.key|value [batch, kv_heads, past, head_dim]
                          -> logits [batch, vocab] float32, present.{i}.key|value [.., past + 1, ..]
+    decoder.onnx         input_ids [batch, seq], image_features [batch, n, hidden] (n may be 0),
+                         attention_mask [batch, past + seq], token_type_ids [batch, seq],
+                         past_key_values.{i}.key|value [batch, kv_heads, past, head_dim] (past may be 0)
+                         -> logits [batch, vocab] float32 (last real token of the new tokens),
+                            present.{i}.key|value [.., past + seq, ..]
+
+`decoder.onnx` is prefill and decode in one graph, so a runtime holds (and prepacks) the decoder
+weights once: prefill is past 0 with `token_type_ids` 0 (the prompt is the bidirectional
+prefix), decode is one token with `token_type_ids` 1 (causal) and no image features. Other
+`token_type_ids` give any prefix-LM split, e.g. a prompt and a suffix to score in one call.
 
 `pixel_values` and `logits` are float32 in every export; `image_features` and the keys/values
 have the weights' dtype (float16 in an fp16 export, so the cache takes half the memory).
@@ -63,6 +73,24 @@ def decode_outputs(num_layers: int) -> list[str]:
     return ["logits", *present_names(num_layers)]
 
 
+def decoder_inputs(num_layers: int) -> list[str]:
+    return ["input_ids", "image_features", "attention_mask", "token_type_ids", *past_names(num_layers)]
+
+
+def _run_decoder(m: PaliGemma, x: torch.Tensor, positions: torch.Tensor, masks: dict, past: list | None, slot,
+                 rows: torch.Tensor) -> tuple:
+    """The decoder over new embeddings `x` [B, S, D] after `past` -> (logits of token `rows` [B]
+    of each row, then present key / value per layer)."""
+    cache = ConcatKVCache(past)
+    hidden = m.language_model(x, positions, masks, cache, slot=slot)
+    logits = m.language_model.logits(_gather_rows(hidden, rows), out_dtype=torch.float32)
+    return (logits, *[t for kv in cache.present for t in kv])
+
+
+def _pairs(past_key_values: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(past_key_values[2 * i], past_key_values[2 * i + 1]) for i in range(len(past_key_values) // 2)]
+
+
 def _gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """hidden `[B, S, D]`, index `[B]` -> `[B, D]` (same values as `hidden[arange(B), index]`)."""
     return torch.gather(hidden, 1, index[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]
@@ -107,10 +135,7 @@ class PrefillGraph(nn.Module):
         slots = torch.arange(input_ids.shape[1], device=input_ids.device)
         real = attention_mask.bool()  # every real token is prefix; padding is neither
         masks = m.masks(slots, real, real, real)
-        cache = ConcatKVCache()
-        hidden = m.language_model(x, positions_from_mask(attention_mask), masks, cache, slot=0)
-        logits = m.language_model.logits(_gather_rows(hidden, last_token_index(attention_mask)), out_dtype=torch.float32)
-        return (logits, *[t for kv in cache.present for t in kv])
+        return _run_decoder(m, x, positions_from_mask(attention_mask), masks, None, 0, last_token_index(attention_mask))
 
     def example_inputs(self, batch: int = 2, text_len: int = 5) -> tuple:
         cfg = self.model.cfg
@@ -130,19 +155,25 @@ class PrefillGraph(nn.Module):
         }
 
 
-class DecodeGraph(nn.Module):
+class _CachedGraph(nn.Module):
+    """A decoder graph that takes the past keys/values: logits and the grown cache out."""
+
+    def __init__(self, model: PaliGemma, input_names: list[str]):
+        super().__init__()
+        self.model = model
+        self.input_names = input_names
+        self.output_names = decode_outputs(model.cfg.text.num_hidden_layers)
+
+
+class DecodeGraph(_CachedGraph):
     """One new token per row, past keys/values in, past + 1 out."""
 
     def __init__(self, model: PaliGemma):
-        super().__init__()
-        self.model = model
-        n = model.cfg.text.num_hidden_layers
-        self.input_names = decode_inputs(n)
-        self.output_names = decode_outputs(n)
+        super().__init__(model, decode_inputs(model.cfg.text.num_hidden_layers))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_key_values: list[torch.Tensor]):
         m = self.model
-        past = [(past_key_values[2 * i], past_key_values[2 * i + 1]) for i in range(len(past_key_values) // 2)]
+        past = _pairs(past_key_values)
         past_len = past[0][0].shape[2]
         q_slots = torch.arange(past_len, past_len + 1, device=input_ids.device)  # [1]: the new slot
         real = attention_mask.bool()  # [B, past + 1]
@@ -150,10 +181,8 @@ class DecodeGraph(nn.Module):
         no_prefix_q = torch.zeros_like(input_ids, dtype=torch.bool)
         masks = m.masks(q_slots, real, no_prefix_kv, no_prefix_q)
         positions = attention_mask.long().sum(-1, keepdim=True)  # [B, 1], 1-based real-token count
-        cache = ConcatKVCache(past)
-        hidden = m.language_model(m.embed(input_ids), positions, masks, cache, slot=past_len)
-        logits = m.language_model.logits(hidden[:, -1], out_dtype=torch.float32)
-        return (logits, *[t for kv in cache.present for t in kv])
+        last = torch.zeros_like(input_ids[:, 0])  # the one new token
+        return _run_decoder(m, m.embed(input_ids), positions, masks, past, past_len, last)
 
     def example_inputs(self, batch: int = 2, past: int = 7) -> tuple:
         t = self.model.cfg.text
@@ -170,4 +199,62 @@ class DecodeGraph(nn.Module):
             "input_ids": {0: batch},
             "attention_mask": {0: batch, 1: past + 1},
             "past_key_values": [{0: batch, 2: past} for _ in range(2 * n)],
+        }
+
+
+class DecoderGraph(_CachedGraph):
+    """Prefill and decode in one graph: new tokens (prefix or causal) over a past of any length."""
+
+    def __init__(self, model: PaliGemma):
+        super().__init__(model, decoder_inputs(model.cfg.text.num_hidden_layers))
+
+    def forward(self, input_ids: torch.Tensor, image_features: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor, past_key_values: list[torch.Tensor]):
+        m = self.model
+        past = _pairs(past_key_values)
+        past_len = past[0][0].shape[2]
+        seq = input_ids.shape[1]
+        # One zero row after the features, so that the gather in `embed` has a row to read when
+        # there are no image features (decode): rows without `<image>` tokens never use it.
+        feats = torch.cat([image_features, image_features.new_zeros(image_features.shape[0], 1, image_features.shape[2])], 1)
+        x = m.embed(input_ids, feats)
+        real = attention_mask.bool()  # [B, past + seq]
+        new_real = real[:, past_len:]  # [B, seq]
+        q_prefix = (token_type_ids == 0) & new_real  # the new tokens that are prefix
+        # Past slots are never prefix of a new query: they all precede it, so causality covers them.
+        kv_prefix = torch.cat([torch.zeros_like(real[:, :past_len]), q_prefix], dim=1)
+        q_slots = torch.arange(past_len, past_len + seq, device=input_ids.device)
+        masks = m.masks(q_slots, real, kv_prefix, q_prefix)
+        positions = positions_from_mask(attention_mask)[:, past_len:]  # [B, seq], real tokens counted from the start
+        return _run_decoder(m, x, positions, masks, past, past_len, last_token_index(new_real))
+
+    def example_inputs(self, batch: int = 2, past: int = 7, text_len: int = 5) -> tuple:
+        cfg = self.model.cfg
+        t = cfg.text
+        n = cfg.num_image_tokens
+        ids = torch.full((batch, n + text_len), 3, dtype=torch.long)
+        ids[:, :n] = cfg.image_token_id
+        feats = torch.zeros(batch, n, t.hidden_size, dtype=self.model.dtype)
+        mask = torch.ones(batch, past + n + text_len, dtype=torch.long)
+        token_type = torch.zeros_like(ids)
+        shape = (batch, t.num_key_value_heads, past, t.head_dim)
+        kv = [torch.zeros(shape, dtype=self.model.dtype) for _ in range(2 * t.num_hidden_layers)]
+        return ids, feats, mask, token_type, kv
+
+    # Readable names for the symbols torch.export invents (input name, axis) -> name.
+    axis_names = {("input_ids", 0): BATCH, ("input_ids", 1): SEQ, ("image_features", 0): BATCH,
+                  ("image_features", 1): "num_image_features",
+                  ("attention_mask", 1): "total_sequence_length", ("past_key_values.0.key", 2): PAST}
+
+    def dynamic_shapes(self) -> dict:
+        # The mask's length is past + seq, which torch.export cannot state with two free Dims:
+        # Dim.DYNAMIC lets it derive that relation from the graph itself.
+        n = self.model.cfg.text.num_hidden_layers
+        dyn = Dim.DYNAMIC
+        return {
+            "input_ids": {0: dyn, 1: dyn},
+            "image_features": {0: dyn, 1: dyn},
+            "attention_mask": {0: dyn, 1: dyn},
+            "token_type_ids": {0: dyn, 1: dyn},
+            "past_key_values": [{0: dyn, 2: dyn} for _ in range(2 * n)],
         }

@@ -52,6 +52,7 @@ benchmarks/results/onnx_fp32.md.
 from __future__ import annotations
 
 import logging
+import re
 import os
 import shutil
 import warnings
@@ -71,13 +72,14 @@ from pgexport.models.config import PaliGemmaConfig
 from pgexport.models.paligemma import PaliGemma
 from pgexport.runtime.onnx_files import check_external_data
 
-from pgexport.exporters.graphs import DecodeGraph, PrefillGraph, VisionEncoderGraph
+from pgexport.exporters.graphs import DecodeGraph, DecoderGraph, PrefillGraph, VisionEncoderGraph
 from pgexport.exporters.tensor_source import CheckpointSource, StateDictSource, TensorSource
 
 DEFAULT_OPSET = 20  # Gelu(approximate="tanh") is a single op from opset 20
 VISION_FILE = "vision_encoder.onnx"
 PREFILL_FILE = "prefill.onnx"
 DECODE_FILE = "decode.onnx"
+DECODER_FILE = "decoder.onnx"  # prefill + decode in one graph (one session holds the weights once)
 VISION_DATA = "vision_encoder.onnx.data"
 DECODER_DATA = "decoder.onnx.data"  # shared by prefill.onnx and decode.onnx
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -124,7 +126,8 @@ def export_onnx(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     fake_mode, fake_model = _fake_model(cfg, torch_dtype)
     _check_source_shapes(source, fake_model)
-    graphs = VisionEncoderGraph(fake_model), PrefillGraph(fake_model), DecodeGraph(fake_model)
+    graphs = (VisionEncoderGraph(fake_model), PrefillGraph(fake_model), DecodeGraph(fake_model),
+              DecoderGraph(fake_model))
 
     tmp = staging_folder(out_dir)
     try:
@@ -139,30 +142,31 @@ def export_onnx(
         ir.save(vision, tmp / VISION_FILE)
         del vision, vision_store
 
-        # Prefill then decode: one data file, each distinct tensor stored once. Prefill's weights
-        # are written before decode is traced; decode finds them already in the file.
+        # Prefill, decode and the merged decoder: one data file, each distinct tensor stored once.
+        # Prefill's weights are written before the others are traced; they find them in the file.
         store = _SharedExternalData(tmp, DECODER_DATA)
-        say(f"exporting {PREFILL_FILE}")
-        prefill = _export_graph(graphs[1], opset, source, torch_dtype, fake_mode)
-        say(f"writing {DECODER_DATA}")
-        store.add(prefill)
-        store.flush()
-        say(f"exporting {DECODE_FILE}")
-        decode = _export_graph(graphs[2], opset, source, torch_dtype, fake_mode)
-        store.add(decode)
+        decoder_graphs = {}
+        for name, graph in zip((PREFILL_FILE, DECODE_FILE, DECODER_FILE), graphs[1:]):
+            say(f"exporting {name}")
+            decoder_graphs[name] = _export_graph(graph, opset, source, torch_dtype, fake_mode)
+            if name == PREFILL_FILE:
+                say(f"writing {DECODER_DATA}")
+            store.add(decoder_graphs[name])
+            store.flush()
         store.finish()
-        ir.save(prefill, tmp / PREFILL_FILE)
-        ir.save(decode, tmp / DECODE_FILE)
-        del prefill, decode, store
+        for name, graph in decoder_graphs.items():
+            ir.save(graph, tmp / name)
+        del decoder_graphs, store
 
         cfg.to_json_file(tmp / "config.json")
 
         say("checking the ONNX files")
-        for name in (VISION_FILE, PREFILL_FILE, DECODE_FILE):
+        names = (VISION_FILE, PREFILL_FILE, DECODE_FILE, DECODER_FILE)
+        for name in names:
             onnx.checker.check_model(str(tmp / name))  # path form: works past 2 GB
-        refs = {name: {(r.location, r.offset, r.length) for r in check_external_data(tmp / name)}
-                for name in (VISION_FILE, PREFILL_FILE, DECODE_FILE)}
-        tensors = {VISION_DATA: len(refs[VISION_FILE]), DECODER_DATA: len(refs[PREFILL_FILE] | refs[DECODE_FILE])}
+        refs = {name: {(r.location, r.offset, r.length) for r in check_external_data(tmp / name)} for name in names}
+        tensors = {VISION_DATA: len(refs[VISION_FILE]),
+                   DECODER_DATA: len(refs[PREFILL_FILE] | refs[DECODE_FILE] | refs[DECODER_FILE])}
 
         move_into_place(tmp, out_dir)
     except BaseException:
@@ -182,7 +186,8 @@ def export_onnx(
         "tensors": tensors,
         "opset": opset,
         "dtype": dtype,
-        "ort_fusions": {VISION_FILE: ort_fusions and dtype == "float32", PREFILL_FILE: False, DECODE_FILE: False},
+        "ort_fusions": {VISION_FILE: ort_fusions and dtype == "float32", PREFILL_FILE: False, DECODE_FILE: False,
+                        DECODER_FILE: False},
     }
     say(f"wrote {out_dir}: {total / 2**20:.1f} MiB, {info['size_ratio']:.3f}x the fp32 parameters")
     return info
@@ -245,6 +250,7 @@ def _export_graph(graph: torch.nn.Module, opset: int, source: TensorSource, dtyp
         )
     ir_model = program.model
     _check_io(ir_model, graph.input_names, graph.output_names)
+    _name_axes(ir_model, getattr(graph, "axis_names", {}))
     _bind_weights(ir_model, source, dtype)
     _pretranspose_weights(ir_model)
     derived = _derived_weight_names(ir_model)
@@ -391,6 +397,26 @@ def _rename_folded_weights(model: ir.Model, derived: dict[str, str]) -> None:
         value.name = new
         graph.register_initializer(value)
         taken.add(new)
+
+
+def _name_axes(model: ir.Model, names: dict[tuple[str, int], str]) -> None:
+    """Rename the symbolic dims torch.export generated (`s18`, `s41 + s85`) after the inputs
+    they size, everywhere in the graph, so the file documents its own shapes."""
+    inputs = {v.name: v for v in model.graph.inputs}
+    symbols = {}
+    for (name, axis), new in names.items():
+        dim = inputs[name].shape[axis]
+        if isinstance(dim, ir.SymbolicDim) and dim.value and re.fullmatch(r"s\d+", dim.value):
+            symbols[dim.value] = new
+    if not symbols:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, symbols)) + r")\b")
+    for value in [*model.graph.inputs, *model.graph.outputs, *(v for n in model.graph.all_nodes() for v in n.outputs)]:
+        if value.shape is None:
+            continue
+        dims = [ir.SymbolicDim(pattern.sub(lambda m: symbols[m.group(1)], d.value))
+                if isinstance(d, ir.SymbolicDim) and d.value else d for d in value.shape]
+        value.shape = ir.Shape(dims)
 
 
 def _check_io(model: ir.Model, inputs: list[str], outputs: list[str]) -> None:

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from pgexport import __version__
 from pgexport.errors import PgExportError
-from pgexport.exporters.onnx_export import DECODE_FILE, DEFAULT_OPSET, PREFILL_FILE, VISION_FILE, export_onnx
+from pgexport.exporters.onnx_export import DECODE_FILE, DECODER_FILE, DEFAULT_OPSET, PREFILL_FILE, VISION_FILE, export_onnx
 from pgexport.exporters.quantize import QuantOptions, quantize_folder
 from pgexport.exporters.validate import REPORT_FILE, validate_export
 from pgexport.files import move_into_place, staging_folder
@@ -190,7 +190,7 @@ def _manifest(cfg: PaliGemmaConfig, processor, dtype: str, qinfo: dict | None, t
         quantization = {k: v for k, v in qinfo.items() if k not in ("bytes_before", "bytes_after")}
         quantization["size_ratio"] = round(qinfo["bytes_after"] / qinfo["bytes_before"], 4)
     manifest = Manifest(
-        graphs={"vision_encoder": VISION_FILE, "prefill": PREFILL_FILE, "decode": DECODE_FILE},
+        graphs={"vision_encoder": VISION_FILE, "prefill": PREFILL_FILE, "decode": DECODE_FILE, "decoder": DECODER_FILE},
         num_layers=cfg.text.num_hidden_layers,
         num_kv_heads=cfg.text.num_key_value_heads,
         head_dim=cfg.text.head_dim,

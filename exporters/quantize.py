@@ -145,7 +145,7 @@ def _graph_groups(folder: Path) -> list[tuple[str, list[Path]]]:
             raise PgExportError(f"{path.name} reads {len(locations)} data files; the quantizer expects one per graph")
         groups.setdefault(locations[0] if locations else f"{path.name}.data", []).append(path)
     # prefill before decode, so the shared tensors are laid out in the order prefill reads them
-    order = {"vision_encoder.onnx": 0, "prefill.onnx": 1, "decode.onnx": 2}
+    order = {"vision_encoder.onnx": 0, "prefill.onnx": 1, "decode.onnx": 2, "decoder.onnx": 3}
     return [(loc, sorted(paths, key=lambda p: (order.get(p.name, 9), p.name))) for loc, paths in groups.items()]
 
 

@@ -7,6 +7,8 @@ the batch of 2 is left-padded. The report holds:
 * `prefill_logits_max_abs_diff`, `decode_logits_max_abs_diff` (per step): next-token logits,
   with the decode steps fed the eager greedy tokens (teacher forcing), so both sides always see
   the same inputs;
+* `split_graphs_max_abs_diff`: the same teacher-forced logits through prefill.onnx + decode.onnx
+  (the three-graph contract) against decoder.onnx (what the runtime runs);
 * `greedy_agreement`: the fraction of tokens on which independent greedy generations (eager and
   ONNX Runtime, `greedy_tokens` new tokens per row) agree; `greedy_match_prefix` the number of
   leading steps on which every row agrees.
@@ -105,6 +107,18 @@ def sample_batch(processor) -> tuple[dict, list]:
     return processor(images=images, prompts=PROMPTS), images
 
 
+def _split_graphs_diff(export_dir, provider, threads, ids, features, mask, tokens, want) -> float:
+    """Max |logits| difference of prefill.onnx + decode.onnx (two sessions) from `want`."""
+    with OnnxPaliGemma(export_dir, provider=provider, threads=threads, single_decoder=False) as split:
+        logits, past = split.prefill(ids, features, mask)
+        worst = float(np.abs(logits - want[0]).max())
+        for step, tok in enumerate(tokens):
+            mask = np.concatenate([mask, np.ones((len(tok), 1), np.int64)], axis=1)
+            logits, past = split.decode(tok[:, None], mask, past)
+            worst = max(worst, float(np.abs(logits - want[step + 1]).max()))
+    return worst
+
+
 def validate_export(export_dir, model, processor, max_new_tokens: int = 16, decode_steps: int = 4,
                     threads: int | None = None, tolerance: float | None = None, provider: str = "cpu",
                     write: bool = True, gates: dict | None = None) -> dict:
@@ -171,18 +185,31 @@ def validate_export(export_dir, model, processor, max_new_tokens: int = 16, deco
 
     quality["greedy_sequence_match"] = float(same.all(1).mean())
     quality["greedy_token_agreement"] = agreement
+    manifest, providers = rt.manifest, rt.providers
+    single = rt.single_decoder
+    rt.close()
+    del rt
+    gc.collect()
+    # The runtime ran decoder.onnx; the prefill / decode pair of the three-graph contract must
+    # give the same logits (the same modules traced twice), checked on the same teacher-forced steps.
+    split_diff = None
+    if single:
+        split_diff = _split_graphs_diff(export_dir, provider, threads, ids, features, mask, recorder.tokens[:decode_steps],
+                                        got_logits[:decode_steps + 1])
 
     failures = []
     if not finite:
         failures.append("ONNX Runtime produced non-finite logits")
     worst = max([prefill_diff, *decode_diffs])
-    bits = quant_bits(rt.manifest.quantization)
+    bits = quant_bits(manifest.quantization)
     near_tie = None
     if bits is not None:
         gates = {**QUANT_GATES.get(bits, QUANT_GATES[4]), **(gates or {})}
         failures += quality_failures(quality, gates)
     elif worst > tol:
         failures.append(f"max logit difference {worst:.3e} > tolerance {tol:.3e}")
+    if split_diff is not None and split_diff > tol:
+        failures.append(f"prefill.onnx / decode.onnx differ from decoder.onnx by {split_diff:.3e} > {tol:.3e}")
     if bits is None and prefix < n:
         # Explained if eager itself barely preferred its token over the ONNX one at that step.
         row = int(np.argmin(same[:, prefix]))
@@ -201,8 +228,8 @@ def validate_export(export_dir, model, processor, max_new_tokens: int = 16, deco
         "passed": not failures,
         "failures": failures,
         "dtype": dtype,
-        "quantization": rt.manifest.quantization,
-        "provider": rt.providers[0],
+        "quantization": manifest.quantization,
+        "provider": providers[0],
         "sample": {"image": "pgexport/assets/sample.png (+ its mirror image)", "prompts": PROMPTS,
                    "batch": int(ids.shape[0]), "padding": "left",
                    "prompt_tokens": [int(x) for x in mask.sum(-1)]},
@@ -210,6 +237,7 @@ def validate_export(export_dir, model, processor, max_new_tokens: int = 16, deco
         "prefill_logits_max_abs_diff": prefill_diff,
         "decode_logits_max_abs_diff": decode_diffs,
         "logits_max_abs_diff": worst,
+        "split_graphs_max_abs_diff": split_diff,
         "max_abs_eager_logit": scale,
         "tolerance": tol,
         "greedy_tokens": int(n),
@@ -224,7 +252,6 @@ def validate_export(export_dir, model, processor, max_new_tokens: int = 16, deco
         "onnx_text": processor.batch_decode(got_tokens),
         "seconds": round(time.perf_counter() - start, 3),
     }
-    rt.close()
     if write:
         (export_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from pgexport.exporters.graphs import decode_inputs, decode_outputs, prefill_outputs  # noqa: E402
+from pgexport.exporters.graphs import decoder_inputs, decode_inputs, decode_outputs, prefill_outputs  # noqa: E402
 from pgexport.exporters.onnx_export import export_onnx  # noqa: E402
 from pgexport.runtime.onnx_files import check_external_data  # noqa: E402
 from pgexport.runtime.generation import generate_tokens  # noqa: E402
@@ -96,22 +96,25 @@ def test_folder_layout(exported):
     model, out, info = exported
     n = model.cfg.text.num_hidden_layers
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["config.json", "decode.onnx", "decoder.onnx.data", "prefill.onnx",
+    assert names == ["config.json", "decode.onnx", "decoder.onnx", "decoder.onnx.data", "prefill.onnx",
                      "vision_encoder.onnx", "vision_encoder.onnx.data"]
     locations = {}
-    for name in ("vision_encoder.onnx", "prefill.onnx", "decode.onnx"):
+    for name in ("vision_encoder.onnx", "prefill.onnx", "decode.onnx", "decoder.onnx"):
         onnx.checker.check_model(str(out / name))
         check_external_data(out / name)
         proto = onnx.load(str(out / name), load_external_data=False)
         ext = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
         locations[name] = {e.value for t in ext for e in t.external_data if e.key == "location"}
-    assert locations["prefill.onnx"] == locations["decode.onnx"] == {"decoder.onnx.data"}
+    assert locations["prefill.onnx"] == locations["decode.onnx"] == locations["decoder.onnx"] == {"decoder.onnx.data"}
     assert locations["vision_encoder.onnx"] == {"vision_encoder.onnx.data"}
     # I/O contract
     s = _session(out / "decode.onnx")
     assert [i.name for i in s.get_inputs()] == decode_inputs(n)
     assert [o.name for o in s.get_outputs()] == decode_outputs(n)
     assert [o.name for o in _session(out / "prefill.onnx").get_outputs()] == prefill_outputs(n)
+    merged = _session(out / "decoder.onnx")
+    assert [i.name for i in merged.get_inputs()] == decoder_inputs(n)
+    assert [o.name for o in merged.get_outputs()] == decode_outputs(n)
     # every parameter stored at most once: the data files are no larger than the parameters
     data = info["files"]["decoder.onnx.data"] + info["files"]["vision_encoder.onnx.data"]
     print(f"\n{out.name}: folder {info['total_bytes']} B, data {data} B, fp32 params {info['fp32_param_bytes']} B, "
@@ -158,6 +161,71 @@ def test_graphs_match_eager(exported, padding):
             np.testing.assert_allclose(got[1 + 2 * i], eager.cache.k[i][:, :, :T].numpy(), rtol=0, atol=TOL)
             np.testing.assert_allclose(got[2 + 2 * i], eager.cache.v[i][:, :, :T].numpy(), rtol=0, atol=TOL)
         past = got[1:]
+
+
+class MergedStepper:
+    """vision -> decoder.onnx as prefill (past 0, token_type_ids 0) -> decoder.onnx as decode."""
+
+    def __init__(self, folder, cfg):
+        self.vision, self.decoder, self.cfg = _session(folder / "vision_encoder.onnx"), _session(folder / "decoder.onnx"), cfg
+        self.past_names = decoder_inputs(cfg.text.num_hidden_layers)[4:]
+
+    def run(self, ids, feats, mask, token_type, past):
+        out = self.decoder.run(None, {"input_ids": ids, "image_features": feats, "attention_mask": mask,
+                                      "token_type_ids": token_type, **dict(zip(self.past_names, past))})
+        self.past, self.mask = out[1:], mask
+        return out[0]
+
+    def prefill(self, input_ids, attention_mask, pixel_values, max_new_tokens):
+        (feats,) = self.vision.run(None, {"pixel_values": pixel_values})
+        t = self.cfg.text
+        empty = np.zeros((len(input_ids), t.num_key_value_heads, 0, t.head_dim), np.float32)
+        return self.run(input_ids, feats, attention_mask, np.zeros_like(input_ids), [empty] * len(self.past_names))
+
+    def decode(self, tokens):
+        mask = np.concatenate([self.mask, np.ones((len(tokens), 1), np.int64)], axis=1)
+        none = np.zeros((len(tokens), 0, self.cfg.text.hidden_size), np.float32)
+        return self.run(tokens[:, None].astype(np.int64), none, mask, np.ones((len(tokens), 1), np.int64), self.past)
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_decoder_graph_is_prefill_and_decode(exported, padding):
+    """decoder.onnx (one graph for both steps) gives the prefill and decode graphs' logits and
+    cache, and the same greedy tokens as eager PyTorch."""
+    model, out, _ = exported
+    cfg = model.cfg
+    ids, mask, pix = _batch(cfg, lengths=(11, 3), padding=padding, seed=1)
+    split, merged = OrtStepper(out, cfg.text.num_hidden_layers), MergedStepper(out, cfg)
+    np.testing.assert_allclose(merged.prefill(ids, mask, pix, 4), split.prefill(ids, mask, pix, 4), rtol=0, atol=TOL)
+    for a, b in zip(merged.past, split.past):
+        np.testing.assert_allclose(a, b, rtol=0, atol=TOL)
+    for step in range(3):
+        tokens = np.array([5 + step, 300 + step], np.int64)
+        np.testing.assert_allclose(merged.decode(tokens), split.decode(tokens), rtol=0, atol=TOL)
+    ref = generate(model, ids, mask, pix, max_new_tokens=12)
+    got = generate_tokens(MergedStepper(out, cfg), ids, mask, pix, 12, cfg.eos_token_id, cfg.pad_token_id)
+    assert got.tolist() == ref.tolist()
+
+
+def test_decoder_graph_scores_a_suffix_in_one_call(exported):
+    """token_type_ids split one call into a bidirectional prompt and a causal suffix: the logits
+    after the suffix equal prefill over the prompt followed by one decode step per suffix token."""
+    model, out, _ = exported
+    cfg = model.cfg
+    ids, mask, pix = _batch(cfg, lengths=(6,), padding="left", seed=4)
+    suffix = np.array([[301, 57, 402]], np.int64)
+    stepped = MergedStepper(out, cfg)
+    stepped.prefill(ids, mask, pix, 4)
+    for t in suffix[0]:
+        want = stepped.decode(np.array([t]))
+    one = MergedStepper(out, cfg)
+    (feats,) = one.vision.run(None, {"pixel_values": pix})
+    t = cfg.text
+    empty = np.zeros((1, t.num_key_value_heads, 0, t.head_dim), np.float32)
+    all_ids = np.concatenate([ids, suffix], axis=1)
+    token_type = np.concatenate([np.zeros_like(ids), np.ones_like(suffix)], axis=1)
+    got = one.run(all_ids, feats, np.ones_like(all_ids), token_type, [empty] * len(one.past_names))
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])

@@ -95,17 +95,11 @@ def iter_tokens(
         logits = stepper.decode(tokens)
 
 
-def generate_tokens(
-    stepper: Stepper,
-    input_ids: np.ndarray,  # [B, S]
-    attention_mask: np.ndarray,  # [B, S]
-    pixel_values: np.ndarray,  # [B, 3, H, W]
-    max_new_tokens: int,
-    eos_token_id: int | None,
-    pad_token_id: int,
-    sampling: Sampling | None = None,
-) -> np.ndarray:
-    """New tokens `[B, n]` (n <= max_new_tokens); rows that hit eos are padded after it."""
+def generate_tokens(stepper: Stepper, input_ids: np.ndarray, attention_mask: np.ndarray, pixel_values: np.ndarray,
+                    max_new_tokens: int, eos_token_id: int | None, pad_token_id: int,
+                    sampling: Sampling | None = None) -> np.ndarray:
+    """New tokens `[B, n]` (n <= max_new_tokens); rows that hit eos are padded after it.
+    The arguments are `iter_tokens`'."""
     steps = iter_tokens(stepper, input_ids, attention_mask, pixel_values, max_new_tokens, eos_token_id,
                         pad_token_id, sampling)
     return np.stack(list(steps), axis=1)

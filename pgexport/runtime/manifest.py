@@ -34,6 +34,9 @@ MANIFEST_FILE = "pgexport.json"
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 GRAPH_KEYS = ("vision_encoder", "prefill", "decode")
+# Graphs a folder may add within format version 1 (readers that predate them ignore them):
+# "decoder" is prefill and decode in one graph, so one session holds the decoder weights once.
+OPTIONAL_GRAPH_KEYS = ("decoder",)
 DTYPES = ("float32", "float16", "bfloat16")
 
 # Names of the KV-cache inputs/outputs; `{i}` is the layer index, `{kv}` "key" or "value".
@@ -45,7 +48,7 @@ PRESENT_NAME = "present.{i}.{kv}"
 class Manifest:
     """Contents of `pgexport.json`. Field comments say what a runtime does with each."""
 
-    graphs: dict[str, str]  # {"vision_encoder", "prefill", "decode"} -> ONNX file name in the folder
+    graphs: dict[str, str]  # {"vision_encoder", "prefill", "decode"[, "decoder"]} -> ONNX file name in the folder
     num_layers: int  # decoder layers: decode takes/returns 2 * num_layers cache tensors
     num_kv_heads: int  # KV cache tensors are [batch, num_kv_heads, seq, head_dim]
     head_dim: int
@@ -127,6 +130,8 @@ def _validate(d: dict, path: Path) -> None:
     graphs = d["graphs"]
     if not isinstance(graphs, dict) or any(not isinstance(graphs.get(k), str) or not graphs.get(k) for k in GRAPH_KEYS):
         raise bad(f"'graphs' must map {', '.join(GRAPH_KEYS)} to file names, got {graphs!r}")
+    if any(k in graphs and (not isinstance(graphs[k], str) or not graphs[k]) for k in OPTIONAL_GRAPH_KEYS):
+        raise bad(f"'graphs' entries must be file names, got {graphs!r}")
     for k in _INT_FIELDS:
         if isinstance(d[k], bool) or not isinstance(d[k], int) or d[k] < 0:
             raise bad(f"{k} must be a non-negative integer, got {d[k]!r}")
@@ -186,7 +191,7 @@ def read_manifest(folder: str | os.PathLike, check_files: bool = True) -> Manife
     known = {f.name for f in dataclasses.fields(Manifest)}
     manifest = Manifest(**{k: v for k, v in d.items() if k in known})  # unknown fields: ignored
     if check_files:
-        for key in GRAPH_KEYS:
+        for key in [*GRAPH_KEYS, *(k for k in OPTIONAL_GRAPH_KEYS if k in manifest.graphs)]:
             graph = _inside(folder, manifest.graphs[key], f"graph {key}")
             if not graph.is_file():
                 raise PgExportError(f"graph file {graph} ({key}) is missing; copy the whole export folder or re-export it")

@@ -25,7 +25,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from pgexport.errors import PgExportError
-from pgexport.runtime.manifest import GRAPH_KEYS, read_manifest
+from pgexport.runtime.manifest import GRAPH_KEYS, OPTIONAL_GRAPH_KEYS, read_manifest
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def describe_export(folder: str | os.PathLike) -> dict:
     folder = Path(folder)
     manifest = read_manifest(folder)
     graphs = {}
-    for key in GRAPH_KEYS:
+    for key in [*GRAPH_KEYS, *(k for k in OPTIONAL_GRAPH_KEYS if k in manifest.graphs)]:
         path = folder / manifest.graphs[key]
         proto = load_graph_proto(path)
         refs = check_external_data(path, proto)

@@ -20,29 +20,30 @@ batching):
 `provider="cuda"` (bound with I/O binding, so only the logits come back to the host each step).
 `OrtValue.numpy()` copies one to the host; numpy arrays are accepted as `past` too.
 
-Memory. prefill.onnx and decode.onnx share one data file (`decoder.onnx.data`). Opened the usual
-way, each ONNX Runtime session reads it into its own memory and then *prepacks* the MatMul
-weights (a blocked copy for its GEMM kernels), so a loaded fp32 export holds its weights about
-three times. `share_weights` chooses:
+Memory. A folder written by this pgexport holds `decoder.onnx`, prefill and decode in one graph
+(a prefix/causal marker, `token_type_ids`, keeps the prefix-LM mask exact). It runs in ONE
+ONNX Runtime session (`single_decoder`, the default when the folder has it), so the decoder
+weights are loaded and prepacked once, and the fast CPU kernels (which read prepacked weights)
+cost no second copy. prefill.onnx and decode.onnx stay in the folder for applications that use
+the three-graph contract; `single_decoder=False` runs them in two sessions. Either way the graphs
+share one data file (`decoder.onnx.data`). `share_weights` chooses how the sessions get it:
 
 * `True` (default) = `"buffers"` on CPU: each data file is memory-mapped once and handed to the
   sessions (`add_external_initializers_from_files_in_memory` with
-  `session.use_external_initializer_file_buffers_directly=1`), prepacking off
-  (`session.disable_prepacking=1`): one physical, file-backed copy of the weights (the page
-  cache's, shared with other processes that map the same folder). The price: the GEMMs pack the
-  weights on the fly, which costs nothing for a batch-1 decode (a GEMV needs no packing) and
-  slows batched decode and prefill (docs/onnx-export.md has the figures).
+  `session.use_external_initializer_file_buffers_directly=1`). The single decoder session
+  prepacks; the mapped pages are dropped from the process once the sessions exist (what the
+  kernels still read faults back in from the page cache). With two decoder sessions, fp32
+  prepacking is off (`session.disable_prepacking=1`) so that both use the one mapped copy, at the
+  price of GEMMs that pack on the fly (slower batched decode and prefill).
 * `True` = `"initializers"` on CUDA: each decoder weight is uploaded to the GPU once and the same
-  device buffer is given to both sessions (`add_initializer`). (On CPU, `"initializers"` makes one
-  private in-memory copy shared the same way, prepacking off.)
-* `False`: ONNX Runtime loads each graph itself and prepacks (fastest on CPU, three copies).
+  device buffer is given to every session that names it (`add_initializer`). (On CPU,
+  `"initializers"` makes one private in-memory copy shared the same way, prepacking off.)
+* `False`: ONNX Runtime loads each graph itself and prepacks (one copy per session).
 
 Weight-quantized exports (`quantization.bits` in the manifest) keep prepacking on in every mode:
 the MatMulNBits and DynamicQuantizeMatMul CPU kernels fall back to dequantizing the whole
-weight on every call without their prepacked weights. Their "buffers" mode still maps each data
-file once; each decoder session then holds its own packed copy of the (smaller) quantized
-weights, so a loaded quantized export holds its weights about three times, still well under an
-fp32 export's footprint.
+weight on every call without their prepacked weights. benchmarks/bench_runtime_memory.py
+measures each mode's memory and speed.
 
 Thread safety: sessions are shared, per-call state (KV cache, mask) lives in each call, so
 `generate` may be called from several threads at once.
@@ -50,6 +51,7 @@ Thread safety: sessions are shared, per-call state (KV cache, mask) lives in eac
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -67,6 +69,7 @@ from pgexport.runtime.manifest import Manifest, describe_quantization, read_mani
 from pgexport.runtime.onnx_files import ExternalRef, check_external_data, load_graph_proto
 
 VISION_INPUTS = ["pixel_values"]
+DECODER_INPUTS = ["input_ids", "image_features", "attention_mask", "token_type_ids"]  # then the past
 VISION_OUTPUTS = ["image_features"]
 PREFILL_INPUTS = ["input_ids", "image_features", "attention_mask"]
 
@@ -83,21 +86,25 @@ _SHARE_MIN_BYTES = 1024
 
 
 class OnnxPaliGemma:
-    """An export folder loaded into three ONNX Runtime sessions; see the module docstring.
+    """An export folder in ONNX Runtime sessions (vision encoder + decoder); see the module docstring.
 
     Arguments:
         export_dir: folder written by `pgexport onnx` / `export_folder` (holds pgexport.json).
         provider: "cpu" or "cuda" (CUDAExecutionProvider, needs onnxruntime-gpu).
         threads: intra-op threads per session (None: ONNX Runtime's default, one per core).
         share_weights: True (default): one copy of the weights for all sessions ("buffers":
-            memory-mapped files on CPU, prepacking off; "initializers" on CUDA); False: ONNX
-            Runtime copies and prepacks per session (faster CPU decode, a copy per session).
+            memory-mapped files on CPU; "initializers" on CUDA); False: ONNX Runtime loads and
+            prepacks a copy per session.
         device_id: CUDA device index.
         log_level: ONNX Runtime log severity (0 verbose .. 4 fatal; default 3, errors only).
+        single_decoder: None (default): decoder.onnx in one session when the folder has it;
+            False: prefill.onnx and decode.onnx in two sessions (folders written before
+            decoder.onnx existed run that way).
     """
 
     def __init__(self, export_dir: str | os.PathLike, provider: str = "cpu", threads: int | None = None,
-                 share_weights: bool | str = True, device_id: int = 0, log_level: int = 3):
+                 share_weights: bool | str = True, device_id: int = 0, log_level: int = 3,
+                 single_decoder: bool | None = None):
         self.export_dir = Path(export_dir)
         self.manifest: Manifest = read_manifest(self.export_dir)
         self.provider = provider.lower()
@@ -124,6 +131,13 @@ class OnnxPaliGemma:
                           "provider='cuda'; re-export with `pgexport onnx --quant int8 --target cuda` (MatMulNBits)",
                           stacklevel=2)
         self._past_names, self._present_names = m.past_names(), m.present_names()
+        # One decoder session (decoder.onnx: prefill and decode in one graph) when the folder has
+        # it: the decoder weights are then loaded and prepacked once instead of once per graph.
+        if single_decoder and "decoder" not in m.graphs:
+            raise PgExportError(f"{self.export_dir} has no decoder.onnx (single_decoder=True); re-export it with "
+                                "this pgexport, or pass single_decoder=None")
+        self.single_decoder = "decoder" in m.graphs if single_decoder is None else bool(single_decoder)
+        decoder_keys = ("decoder",) if self.single_decoder else ("prefill", "decode")
 
         # 1. Every graph is read (without its data) and checked before any session opens it:
         #    readable, external data inside the folder and long enough, inputs/outputs as promised.
@@ -133,8 +147,9 @@ class OnnxPaliGemma:
             "vision_encoder": (VISION_INPUTS, VISION_OUTPUTS),
             "prefill": (PREFILL_INPUTS, ["logits", *self._present_names]),
             "decode": (["input_ids", "attention_mask", *self._past_names], ["logits", *self._present_names]),
+            "decoder": (DECODER_INPUTS + self._past_names, ["logits", *self._present_names]),
         }
-        for key in ("vision_encoder", "prefill", "decode"):
+        for key in ("vision_encoder", *decoder_keys):
             proto = load_graph_proto(paths[key])
             refs[key] = check_external_data(paths[key], proto)
             init_names = {t.name for t in proto.graph.initializer}
@@ -148,16 +163,26 @@ class OnnxPaliGemma:
 
         # 2. Sessions. Buffers handed to ONNX Runtime (memory maps, device weights) must outlive
         #    the sessions: they are kept in self._maps / self._device_weights until close().
-        self._maps: dict[str, np.memmap] = {}
+        self._maps: dict[str, np.ndarray | None] = {}
+        self._mmaps: dict[str, mmap.mmap] = {}
         self._device_weights: dict[tuple, Any] = {}
         self._owned_weights: list = []
         self.share_mode = share_mode = _share_mode(share_weights, self.provider)
         self.vision = self._session(paths["vision_encoder"], refs["vision_encoder"],
                                     share="buffers" if share_mode == "buffers" else None)
-        self.prefill_session = self._session(paths["prefill"], refs["prefill"], share=share_mode)
-        self.decode_session = self._session(paths["decode"], refs["decode"], share=share_mode)
+        if self.single_decoder:
+            # One session: it may prepack its weights (the fast CPU kernels) without a second copy.
+            self.decoder_session = self._session(paths["decoder"], refs["decoder"], share=share_mode,
+                                                 prepack=share_mode == "buffers")
+            self.prefill_session = self.decode_session = self.decoder_session
+        else:
+            self.prefill_session = self._session(paths["prefill"], refs["prefill"], share=share_mode)
+            self.decode_session = self._session(paths["decode"], refs["decode"], share=share_mode)
         if share_mode != "buffers":
             self._maps.clear()  # only read to make the shared initializers: unmap the files
+            self._mmaps.clear()
+        else:
+            self._release_pages()
 
         types = {i.name: i.type for i in self.vision.get_inputs()}
         self._pixel_dtype = _NP_TYPES.get(types["pixel_values"], np.float32)
@@ -183,13 +208,34 @@ class OnnxPaliGemma:
             return [("CUDAExecutionProvider", {"device_id": str(self.device_id)}), "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
 
-    def _memmap(self, folder: Path, location: str) -> np.memmap | None:
+    def _memmap(self, folder: Path, location: str) -> np.ndarray | None:
+        """The data file mapped read-only, once per file (a uint8 view of one `mmap.mmap`)."""
         if location not in self._maps:
             path = folder / location
-            self._maps[location] = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else None
+            if not path.stat().st_size:
+                self._maps[location] = None
+            else:
+                with open(path, "rb") as f:
+                    mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._mmaps[location] = mapping
+                self._maps[location] = np.frombuffer(mapping, dtype=np.uint8)
         return self._maps[location]
 
-    def _session(self, path: Path, refs: list[ExternalRef], share: str | None):
+    def _release_pages(self) -> None:
+        """Drop the data files' pages from this process once the sessions exist.
+
+        Creating a session reads every weight (prepacking copies the matmul weights into the
+        kernels' own layout), which leaves the whole file resident in this process although the
+        prepacked weights never read it again. What the kernels still read from the files (norms,
+        lookup tables, an fp32 vision encoder run in place) faults back in from the page cache as
+        it is used; nothing is lost, since the maps are read-only views of the files.
+        """
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        for mapping in self._mmaps.values():
+            mapping.madvise(mmap.MADV_DONTNEED)
+
+    def _session(self, path: Path, refs: list[ExternalRef], share: str | None, prepack: bool = False):
         so = ort.SessionOptions()
         so.log_severity_level = self._log_level
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -209,7 +255,7 @@ class OnnxPaliGemma:
             if names:
                 so.add_external_initializers_from_files_in_memory(names, buffers, lengths)
                 so.add_session_config_entry("session.use_external_initializer_file_buffers_directly", "1")
-            if not self.quantized:
+            if not (self.quantized or prepack):
                 so.add_session_config_entry("session.disable_prepacking", "1")
         elif share == "initializers":
             # Each large weight becomes one OrtValue on the session's device, given to every session
@@ -220,7 +266,7 @@ class OnnxPaliGemma:
                 if (ref.initializer and np_type is not None and ref.length >= _SHARE_MIN_BYTES
                         and ref.length == np.dtype(np_type).itemsize * int(np.prod(ref.dims, dtype=np.int64))):
                     so.add_initializer(ref.name, self._shared_initializer(path.parent, ref))
-            if self.provider == "cpu" and not self.quantized:
+            if self.provider == "cpu" and not (self.quantized or prepack):
                 so.add_session_config_entry("session.disable_prepacking", "1")
         try:
             session = ort.InferenceSession(str(path), so, providers=self._providers())
@@ -257,12 +303,13 @@ class OnnxPaliGemma:
 
     def close(self) -> None:
         """Release the sessions, then the buffers they read from."""
-        for name in ("vision", "prefill_session", "decode_session"):
+        for name in ("vision", "prefill_session", "decode_session", "decoder_session"):
             if hasattr(self, name):
                 delattr(self, name)
         self._device_weights.clear()
         self._owned_weights.clear()
         self._maps.clear()
+        self._mmaps.clear()
 
     def __enter__(self) -> OnnxPaliGemma:
         return self
@@ -332,7 +379,12 @@ class OnnxPaliGemma:
         if isinstance(ids, np.ndarray) and isinstance(mask, np.ndarray) and (ids.ndim != 2 or ids.shape != mask.shape):
             raise PgExportError(f"input_ids {list(ids.shape)} and attention_mask {list(mask.shape)} must both be [batch, seq]")
         feats = self._value(image_features, self._features_dtype)
-        return self._run_decoder(self.prefill_session, {"input_ids": ids, "image_features": feats, "attention_mask": mask})
+        feed = {"input_ids": ids, "image_features": feats, "attention_mask": mask}
+        if self.single_decoder:  # the whole prompt is prefix, over an empty past
+            feed["token_type_ids"] = np.zeros(_shape(ids), np.int64)
+            empty = self._empty_past(_shape(ids)[0])
+            feed.update({name: empty for name in self._past_names})
+        return self._run_decoder(self.prefill_session, feed)
 
     def decode(self, input_ids, attention_mask, past: Sequence):
         """One token per row -> (logits `[B, vocab]` float32, present with one more slot).
@@ -348,8 +400,16 @@ class OnnxPaliGemma:
             raise PgExportError(f"past has {len(past)} tensors; this model needs {len(self._past_names)} "
                                 f"(key and value of {self.manifest.num_layers} layers)")
         feed = {"input_ids": ids, "attention_mask": mask}
+        if self.single_decoder:  # one causal token, no image features
+            batch = _shape(ids)[0]
+            feed["image_features"] = np.zeros((batch, 0, self.manifest.hidden_size), self._features_dtype)
+            feed["token_type_ids"] = np.ones(_shape(ids), np.int64)
         feed.update({name: self._value(p, self._past_dtype) for name, p in zip(self._past_names, past)})
         return self._run_decoder(self.decode_session, feed)
+
+    def _empty_past(self, batch: int) -> np.ndarray:
+        m = self.manifest
+        return np.zeros((batch, m.num_kv_heads, 0, m.head_dim), self._past_dtype)
 
     # ------------------------------------------------------------------ generation
     def stepper(self) -> _Stepper:
@@ -399,6 +459,11 @@ def _share_mode(share_weights: bool | str, provider: str) -> str | None:
     if share_weights not in ("buffers", "initializers"):
         raise PgExportError(f"share_weights={share_weights!r}; use True, False, 'buffers' or 'initializers'")
     return share_weights
+
+
+def _shape(x) -> tuple:
+    """The shape of a numpy array or an OrtValue."""
+    return tuple(x.shape() if callable(getattr(x, "shape", None)) else x.shape)
 
 
 class _Stepper:
