@@ -1,4 +1,4 @@
-"""int8 / int4 against stock baselines at the `paligemma-3b-pt-224` geometry (issue 5), one run.
+"""int8 / int4 against stock baselines at the `paligemma-3b-pt-224` geometry, one run.
 
 Random weights (`pgexport init`'s checkpoint, or `--checkpoint DIR`), batch 1, CPU. Measured:
 
@@ -89,7 +89,7 @@ LABELS = {
     "torch-int8": "quanto int8 (ours)", "torch-int4": "quanto int4 (ours)",
     QDYN: "ORT int8, stock quantize_dynamic (baseline a)", GENAI: "onnxruntime-genai int4 (baseline b)",
 }
-# Targets of issue 5 (stated for paligemma-3b-pt-224).
+# The quantization targets (stated for paligemma-3b-pt-224).
 TARGET_QUANT_PEAK = 1.5  # peak RSS of quantizing / fp32 weight bytes
 TARGET_A_PREFILL, TARGET_A_DECODE = 1.0, 0.9  # ours int8 / quantize_dynamic int8
 TARGET_B_DECODE = 0.9  # ours int4 / onnxruntime-genai int4, per token
@@ -1043,7 +1043,7 @@ def header_lines(res: dict) -> list[str]:
     a, b = s["baseline_a"], s["baseline_b"]
     L = s["decoder_layers"]
     lines = [
-        "# Quantization vs stock baselines (issue 5)", "",
+        "# Quantization vs stock baselines", "",
         f"`{res['command'].strip()}`", "",
         f"- model: `{s['preset']}` geometry" + ("" if s["geometry_is_3b"] else " (NOT the 3B geometry: targets indicative only)")
         + f", random weights from `{s['checkpoint']}`: {s['vision_layers']} vision layers, {L} decoder layers, hidden "
