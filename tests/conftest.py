@@ -19,6 +19,8 @@ quantization) can also import the plain functions: `from conftest import build_h
 
 from __future__ import annotations
 
+import os
+
 import json
 import shutil
 from dataclasses import dataclass
@@ -263,9 +265,10 @@ def hf_model_pair(checkpoints):
 
 @pytest.fixture(autouse=True, scope="session")
 def _few_threads():
-    """The test machines are small and shared; tiny models gain nothing from many threads."""
+    """The test machines are small and shared; tiny models gain nothing from many threads. Under
+    pytest-xdist each worker takes one thread (the workers already share the cores)."""
     n = torch.get_num_threads()
-    torch.set_num_threads(min(n, 2))
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(n, 2))
     yield
     torch.set_num_threads(n)
 

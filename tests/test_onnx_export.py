@@ -566,7 +566,8 @@ def test_ort_fusions_vision_encoder(tmp_path):
     standard ONNX."""
     model = _tiny_model("paligemma-tiny")
     info = export_onnx(model, tmp_path / "fused", progress=None, ort_fusions=True)
-    assert info["ort_fusions"] == {"vision_encoder.onnx": True, "prefill.onnx": False, "decode.onnx": False}
+    assert info["ort_fusions"] == {"vision_encoder.onnx": True, "prefill.onnx": False, "decode.onnx": False,
+                                   "decoder.onnx": False}
     ops = {}
     for name in ("vision_encoder.onnx", "prefill.onnx", "decode.onnx"):
         proto = onnx.load(str(tmp_path / "fused" / name), load_external_data=False)

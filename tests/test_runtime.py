@@ -129,7 +129,8 @@ def test_folder_contents_and_manifest(exported):
                 "eos_token_id", "pad_token_id", "dtype", "quantization", "tokenizer", "opset"):
         assert key in raw, key
     m = read_manifest(out)
-    assert m.graphs == {"vision_encoder": "vision_encoder.onnx", "prefill": "prefill.onnx", "decode": "decode.onnx"}
+    assert m.graphs == {"vision_encoder": "vision_encoder.onnx", "prefill": "prefill.onnx", "decode": "decode.onnx",
+                        "decoder": "decoder.onnx"}
     assert (m.num_layers, m.num_kv_heads, m.head_dim, m.hidden_size, m.vocab_size) == (
         cfg.text.num_hidden_layers, cfg.text.num_key_value_heads, cfg.text.head_dim, cfg.text.hidden_size,
         cfg.text.vocab_size)

@@ -137,7 +137,6 @@ class OnnxPaliGemma:
             raise PgExportError(f"{self.export_dir} has no decoder.onnx (single_decoder=True); re-export it with "
                                 "this pgexport, or pass single_decoder=None")
         self.single_decoder = "decoder" in m.graphs if single_decoder is None else bool(single_decoder)
-        decoder_keys = ("decoder",) if self.single_decoder else ("prefill", "decode")
 
         # 1. Every graph is read (without its data) and checked before any session opens it:
         #    readable, external data inside the folder and long enough, inputs/outputs as promised.
@@ -149,7 +148,9 @@ class OnnxPaliGemma:
             "decode": (["input_ids", "attention_mask", *self._past_names], ["logits", *self._present_names]),
             "decoder": (DECODER_INPUTS + self._past_names, ["logits", *self._present_names]),
         }
-        for key in ("vision_encoder", *decoder_keys):
+        # Every graph the folder lists, including the ones this runtime will not open: a folder
+        # with one damaged or unsafe graph is refused whole.
+        for key in ("vision_encoder", "prefill", "decode", *(("decoder",) if "decoder" in m.graphs else ())):
             proto = load_graph_proto(paths[key])
             refs[key] = check_external_data(paths[key], proto)
             init_names = {t.name for t in proto.graph.initializer}
