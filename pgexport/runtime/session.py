@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -125,8 +126,6 @@ class OnnxPaliGemma:
         # whole weight on every call.
         self.quantized = isinstance(m.quantization, dict)
         if self.quantized and self.provider == "cuda" and m.quantization.get("int8_format") == "dynamic":
-            import warnings
-
             warnings.warn("this int8 export uses DynamicQuantizeMatMul, which ONNX Runtime runs on the CPU even with "
                           "provider='cuda'; re-export with `pgexport onnx --quant int8 --target cuda` (MatMulNBits)",
                           stacklevel=2)
