@@ -4,6 +4,7 @@ Modes (what `OnnxPaliGemma(...)` is given):
 
 * `single`: `decoder.onnx` in one session (prefill and decode in one graph), weights memory-mapped
   and prepacked once, the mapped pages dropped after load (the default when the folder has it);
+* `single-private`: `decoder.onnx` in one session that ONNX Runtime loads itself (`share_weights=False`);
 * `split-shared`: prefill.onnx and decode.onnx in two sessions sharing the mapped data file
   (`single_decoder=False`; fp32 then runs without prepacking, quantized exports prepack per session);
 * `split-private`: two sessions, ONNX Runtime loading and prepacking each graph itself
@@ -33,6 +34,7 @@ if str(ROOT) not in sys.path:
 
 MODES = {
     "single": {"single_decoder": True},
+    "single-private": {"single_decoder": True, "share_weights": False},
     "split-shared": {"single_decoder": False},
     "split-private": {"single_decoder": False, "share_weights": False},
 }
