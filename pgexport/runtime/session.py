@@ -164,7 +164,6 @@ class OnnxPaliGemma:
         # 2. Sessions. Buffers handed to ONNX Runtime (memory maps, device weights) must outlive
         #    the sessions: they are kept in self._maps / self._device_weights until close().
         self._maps: dict[str, np.ndarray | None] = {}
-        self._mmaps: dict[str, mmap.mmap] = {}
         self._device_weights: dict[tuple, Any] = {}
         self._owned_weights: list = []
         self.share_mode = share_mode = _share_mode(share_weights, self.provider)
@@ -180,7 +179,6 @@ class OnnxPaliGemma:
             self.decode_session = self._session(paths["decode"], refs["decode"], share=share_mode)
         if share_mode != "buffers":
             self._maps.clear()  # only read to make the shared initializers: unmap the files
-            self._mmaps.clear()
         else:
             self._release_pages()
 
@@ -216,9 +214,7 @@ class OnnxPaliGemma:
                 self._maps[location] = None
             else:
                 with open(path, "rb") as f:
-                    mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                self._mmaps[location] = mapping
-                self._maps[location] = np.frombuffer(mapping, dtype=np.uint8)
+                    self._maps[location] = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
         return self._maps[location]
 
     def _release_pages(self) -> None:
@@ -232,8 +228,9 @@ class OnnxPaliGemma:
         """
         if not hasattr(mmap, "MADV_DONTNEED"):
             return
-        for mapping in self._mmaps.values():
-            mapping.madvise(mmap.MADV_DONTNEED)
+        for view in self._maps.values():
+            if view is not None:
+                view.base.obj.madvise(mmap.MADV_DONTNEED)  # base: a memoryview of the mmap.mmap
 
     def _session(self, path: Path, refs: list[ExternalRef], share: str | None, prepack: bool = False):
         so = ort.SessionOptions()
@@ -309,7 +306,6 @@ class OnnxPaliGemma:
         self._device_weights.clear()
         self._owned_weights.clear()
         self._maps.clear()
-        self._mmaps.clear()
 
     def __enter__(self) -> OnnxPaliGemma:
         return self
@@ -342,7 +338,7 @@ class OnnxPaliGemma:
         Returns numpy, or with `keep_on_device` the OrtValue where the session ran (no copy).
         """
         pixels = self._value(pixel_values, self._pixel_dtype)
-        shape = pixels.shape() if callable(getattr(pixels, "shape", None)) else pixels.shape
+        shape = _shape(pixels)
         size = self.manifest.image_size
         if len(shape) != 4 or tuple(shape[1:]) != (3, size, size):
             raise PgExportError(f"pixel_values has shape {list(shape)}; expected [batch, 3, {size}, {size}] "
