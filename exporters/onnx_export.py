@@ -81,7 +81,7 @@ PREFILL_FILE = "prefill.onnx"
 DECODE_FILE = "decode.onnx"
 DECODER_FILE = "decoder.onnx"  # prefill + decode in one graph (one session holds the weights once)
 VISION_DATA = "vision_encoder.onnx.data"
-DECODER_DATA = "decoder.onnx.data"  # shared by prefill.onnx and decode.onnx
+DECODER_DATA = "decoder.onnx.data"  # shared by prefill.onnx, decode.onnx and decoder.onnx
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 PARAM_PREFIX = "model."  # the wrappers hold the model as `self.model`
 

@@ -76,7 +76,6 @@ class GraphQuantizer:
             for name in node.input:
                 uses.setdefault(name, []).append(node)
         new_inits: dict[str, onnx.TensorProto] = {}
-        replaced: set[str] = set()  # float initializers whose every use was quantized
 
         def add(name: str, array: np.ndarray) -> str:
             if name not in new_inits:
@@ -126,9 +125,6 @@ class GraphQuantizer:
         del graph.node[:]
         graph.node.extend(new_nodes)
         still_used = {i for n in graph.node for i in n.input}
-        for t in list(graph.initializer):
-            if t.name not in still_used:
-                replaced.add(t.name)
         kept = []
         for t in graph.initializer:
             if t.name in still_used:

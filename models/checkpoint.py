@@ -135,7 +135,7 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32, devi
     cfg = read_config(folder)
     with torch.device("meta"):
         model = PaliGemma(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = expected_shapes(cfg)
     files = weight_files(folder)
     stored: dict[tuple[Path, str], tuple[int, ...]] = {}
     for path in files:
