@@ -14,15 +14,21 @@ Each wrapper holds the *same* model object that runs eagerly and calls its build
                          past_key_values.{i}.key|value [batch, kv_heads, past, head_dim]
                          -> logits [batch, vocab] float32, present.{i}.key|value [.., past + 1, ..]
     decoder.onnx         input_ids [batch, seq], image_features [batch, n, hidden] (n may be 0),
-                         attention_mask [batch, past + seq], token_type_ids [batch, seq],
-                         past_key_values.{i}.key|value [batch, kv_heads, past, head_dim] (past may be 0)
+                         attention_mask [batch, max_len], token_type_ids [batch, seq],
+                         cache_position [seq] int64 (the buffer slots the new tokens go to),
+                         past_key_values.{i}.key|value [batch, kv_heads, max_len, head_dim]
                          -> logits [batch, vocab] float32 (last real token of the new tokens),
-                            present.{i}.key|value [.., past + seq, ..]
+                            present.{i}.key|value: the same buffers, slots `cache_position` written
 
-`decoder.onnx` is prefill and decode in one graph, so a runtime holds (and prepacks) the decoder
-weights once: prefill is past 0 with `token_type_ids` 0 (the prompt is the bidirectional
-prefix), decode is one token with `token_type_ids` 1 (causal) and no image features. Other
-`token_type_ids` give any prefix-LM split, e.g. a prompt and a suffix to score in one call.
+`decoder.onnx` is prefill and decode in one graph over a KV cache allocated once, so a runtime
+holds (and prepacks) the decoder weights once and no step copies the cache: each `present` output
+is its `past` input with the new slots scattered in (ScatterElements), which ONNX Runtime does in
+place when both are bound to the same memory (I/O binding). Prefill is `cache_position`
+0..seq-1 with `token_type_ids` 0 (the prompt is the bidirectional prefix), decode is one token
+at the next slot with `token_type_ids` 1 (causal) and no image features. `attention_mask` covers
+the whole buffer: 1 for the real tokens written so far and those of this call, 0 for padding and
+for slots not written yet. Other `token_type_ids` give any prefix-LM split, e.g. a prompt and a
+suffix to score in one call.
 
 `pixel_values` and `logits` are float32 in every export; `image_features` and the keys/values
 have the weights' dtype (float16 in an fp16 export, so the cache takes half the memory).
@@ -40,13 +46,14 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from pgexport.models.kv_cache import ConcatKVCache
+from pgexport.models.kv_cache import ConcatKVCache, ScatterKVCache
 from pgexport.models.paligemma import PaliGemma, last_token_index, positions_from_mask
 
 # Symbolic axis names, shared by the graphs (they end up as dim_param in the ONNX files).
 BATCH = "batch"
 SEQ = "sequence_length"
 PAST = "past_sequence_length"
+MAX_LEN = "max_sequence_length"  # the decoder graph's cache buffers
 
 VISION_INPUTS = ["pixel_values"]
 VISION_OUTPUTS = ["image_features"]
@@ -74,14 +81,13 @@ def decode_outputs(num_layers: int) -> list[str]:
 
 
 def decoder_inputs(num_layers: int) -> list[str]:
-    return ["input_ids", "image_features", "attention_mask", "token_type_ids", *past_names(num_layers)]
+    return ["input_ids", "image_features", "attention_mask", "token_type_ids", "cache_position", *past_names(num_layers)]
 
 
-def _run_decoder(m: PaliGemma, x: torch.Tensor, positions: torch.Tensor, masks: dict, past: list | None, slot,
+def _run_decoder(m: PaliGemma, x: torch.Tensor, positions: torch.Tensor, masks: dict, cache, slot,
                  rows: torch.Tensor) -> tuple:
-    """The decoder over new embeddings `x` [B, S, D] after `past` -> (logits of token `rows` [B]
+    """The decoder over new embeddings `x` [B, S, D] with `cache` -> (logits of token `rows` [B]
     of each row, then present key / value per layer)."""
-    cache = ConcatKVCache(past)
     hidden = m.language_model(x, positions, masks, cache, slot=slot)
     logits = m.language_model.logits(_gather_rows(hidden, rows), out_dtype=torch.float32)
     return (logits, *[t for kv in cache.present for t in kv])
@@ -135,7 +141,8 @@ class PrefillGraph(nn.Module):
         slots = torch.arange(input_ids.shape[1], device=input_ids.device)
         real = attention_mask.bool()  # every real token is prefix; padding is neither
         masks = m.masks(slots, real, real, real)
-        return _run_decoder(m, x, positions_from_mask(attention_mask), masks, None, 0, last_token_index(attention_mask))
+        return _run_decoder(m, x, positions_from_mask(attention_mask), masks, ConcatKVCache(), 0,
+                            last_token_index(attention_mask))
 
     def example_inputs(self, batch: int = 2, text_len: int = 5) -> tuple:
         cfg = self.model.cfg
@@ -182,7 +189,7 @@ class DecodeGraph(_CachedGraph):
         masks = m.masks(q_slots, real, no_prefix_kv, no_prefix_q)
         positions = attention_mask.long().sum(-1, keepdim=True)  # [B, 1], 1-based real-token count
         last = torch.zeros_like(input_ids[:, 0])  # the one new token
-        return _run_decoder(m, m.embed(input_ids), positions, masks, past, past_len, last)
+        return _run_decoder(m, m.embed(input_ids), positions, masks, ConcatKVCache(past), past_len, last)
 
     def example_inputs(self, batch: int = 2, past: int = 7) -> tuple:
         t = self.model.cfg.text
@@ -203,52 +210,50 @@ class DecodeGraph(_CachedGraph):
 
 
 class DecoderGraph(_CachedGraph):
-    """Prefill and decode in one graph: new tokens (prefix or causal) over a past of any length."""
+    """Prefill and decode in one graph: new tokens (prefix or causal) written into a fixed-length cache."""
 
     def __init__(self, model: PaliGemma):
         super().__init__(model, decoder_inputs(model.cfg.text.num_hidden_layers))
 
     def forward(self, input_ids: torch.Tensor, image_features: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor, past_key_values: list[torch.Tensor]):
+                token_type_ids: torch.Tensor, cache_position: torch.Tensor, past_key_values: list[torch.Tensor]):
         m = self.model
-        past = _pairs(past_key_values)
-        past_len = past[0][0].shape[2]
-        seq = input_ids.shape[1]
         # One zero row after the features, so that the gather in `embed` has a row to read when
         # there are no image features (decode): rows without `<image>` tokens never use it.
         feats = torch.cat([image_features, image_features.new_zeros(image_features.shape[0], 1, image_features.shape[2])], 1)
         x = m.embed(input_ids, feats)
-        real = attention_mask.bool()  # [B, past + seq]
-        new_real = real[:, past_len:]  # [B, seq]
+        real = attention_mask.bool()  # [B, T]: slots holding real tokens, this call's included
+        new_real = real[:, cache_position]  # [B, S]
         q_prefix = (token_type_ids == 0) & new_real  # the new tokens that are prefix
-        # Past slots are never prefix of a new query: they all precede it, so causality covers them.
-        kv_prefix = torch.cat([torch.zeros_like(real[:, :past_len]), q_prefix], dim=1)
-        q_slots = torch.arange(past_len, past_len + seq, device=input_ids.device)
-        masks = m.masks(q_slots, real, kv_prefix, q_prefix)
-        positions = positions_from_mask(attention_mask)[:, past_len:]  # [B, seq], real tokens counted from the start
-        return _run_decoder(m, x, positions, masks, past, past_len, last_token_index(new_real))
+        # Earlier slots are never prefix of a new query: they all precede it, so causality covers them.
+        kv_prefix = torch.zeros_like(real).scatter(1, cache_position[None].expand_as(q_prefix), q_prefix)  # [B, T]
+        masks = m.masks(cache_position, real, kv_prefix, q_prefix)
+        positions = positions_from_mask(attention_mask)[:, cache_position]  # [B, S], real tokens counted from the start
+        cache = ScatterKVCache(_pairs(past_key_values), cache_position)
+        return _run_decoder(m, x, positions, masks, cache, cache_position, last_token_index(new_real))
 
-    def example_inputs(self, batch: int = 2, past: int = 7, text_len: int = 5) -> tuple:
+    def example_inputs(self, batch: int = 2, past: int = 7, text_len: int = 5, free: int = 3) -> tuple:
         cfg = self.model.cfg
         t = cfg.text
         n = cfg.num_image_tokens
         ids = torch.full((batch, n + text_len), 3, dtype=torch.long)
         ids[:, :n] = cfg.image_token_id
         feats = torch.zeros(batch, n, t.hidden_size, dtype=self.model.dtype)
-        mask = torch.ones(batch, past + n + text_len, dtype=torch.long)
+        end = past + n + text_len
+        mask = torch.zeros(batch, end + free, dtype=torch.long)  # `free` slots not written yet
+        mask[:, :end] = 1
         token_type = torch.zeros_like(ids)
-        shape = (batch, t.num_key_value_heads, past, t.head_dim)
+        cache_position = torch.arange(past, end)
+        shape = (batch, t.num_key_value_heads, end + free, t.head_dim)
         kv = [torch.zeros(shape, dtype=self.model.dtype) for _ in range(2 * t.num_hidden_layers)]
-        return ids, feats, mask, token_type, kv
+        return ids, feats, mask, token_type, cache_position, kv
 
     # Readable names for the symbols torch.export invents (input name, axis) -> name.
     axis_names = {("input_ids", 0): BATCH, ("input_ids", 1): SEQ, ("image_features", 0): BATCH,
-                  ("image_features", 1): "num_image_features",
-                  ("attention_mask", 1): "total_sequence_length", ("past_key_values.0.key", 2): PAST}
+                  ("image_features", 1): "num_image_features", ("attention_mask", 1): MAX_LEN}
 
     def dynamic_shapes(self) -> dict:
-        # The mask's length is past + seq, which torch.export cannot state with two free Dims:
-        # Dim.DYNAMIC lets it derive that relation from the graph itself.
+        # Dim.DYNAMIC lets torch.export derive which axes are equal from the graph itself.
         n = self.model.cfg.text.num_hidden_layers
         dyn = Dim.DYNAMIC
         return {
@@ -256,5 +261,6 @@ class DecoderGraph(_CachedGraph):
             "image_features": {0: dyn, 1: dyn},
             "attention_mask": {0: dyn, 1: dyn},
             "token_type_ids": {0: dyn, 1: dyn},
+            "cache_position": {0: dyn},
             "past_key_values": [{0: dyn, 2: dyn} for _ in range(2 * n)],
         }

@@ -156,21 +156,21 @@ def validate_export(export_dir, model, processor, max_new_tokens: int = 16, deco
 
     features = rt.encode_image(pix)
     vision_diff = float(np.abs(features.astype(np.float32) - ref_features).max())
-    # Teacher forcing: prefill, then every decode step fed the eager greedy token.
-    logits, past = rt.prefill(ids, features, mask)
+    # Teacher forcing through the runtime's own stepper (what `generate` runs): prefill, then
+    # every decode step fed the eager greedy token.
+    stepper = rt.stepper()
+    logits = stepper.prefill(ids, mask, pix, len(recorder.tokens) + 1)
     got_logits = [logits]
     finite = bool(np.isfinite(logits).all())
     active = [np.ones(len(ids), bool)]
     ended = np.zeros(len(ids), bool)
-    step_mask = mask
-    for step, tokens in enumerate(recorder.tokens):
+    for tokens in recorder.tokens:
         ended |= tokens == eos
-        step_mask = np.concatenate([step_mask, np.ones((len(tokens), 1), np.int64)], axis=1)
-        logits, past = rt.decode(tokens[:, None], step_mask, past)
+        logits = stepper.decode(tokens)
         finite &= bool(np.isfinite(logits).all())
         got_logits.append(logits)
         active.append(~ended.copy())
-    del past
+    del stepper
     prefill_diff = float(np.abs(got_logits[0] - recorder.logits[0]).max())
     decode_diffs = [float(np.abs(got - ref).max()) for got, ref in
                     zip(got_logits[1:decode_steps + 1], recorder.logits[1:decode_steps + 1])]

@@ -164,28 +164,37 @@ def test_graphs_match_eager(exported, padding):
 
 
 class MergedStepper:
-    """vision -> decoder.onnx as prefill (past 0, token_type_ids 0) -> decoder.onnx as decode."""
+    """vision -> decoder.onnx as prefill (cache_position 0..S-1, token_type_ids 0) -> decoder.onnx
+    as decode (one slot each), with plain `session.run`: the cache buffers go in and come out."""
 
     def __init__(self, folder, cfg):
         self.vision, self.decoder, self.cfg = _session(folder / "vision_encoder.onnx"), _session(folder / "decoder.onnx"), cfg
-        self.past_names = decoder_inputs(cfg.text.num_hidden_layers)[4:]
+        self.past_names = decoder_inputs(cfg.text.num_hidden_layers)[5:]
 
-    def run(self, ids, feats, mask, token_type, past):
+    def buffers(self, batch, length):
+        t = self.cfg.text
+        return [np.zeros((batch, t.num_key_value_heads, length, t.head_dim), np.float32)] * len(self.past_names)
+
+    def run(self, ids, feats, mask, token_type, cache_position, past):
         out = self.decoder.run(None, {"input_ids": ids, "image_features": feats, "attention_mask": mask,
-                                      "token_type_ids": token_type, **dict(zip(self.past_names, past))})
-        self.past, self.mask = out[1:], mask
+                                      "token_type_ids": token_type, "cache_position": cache_position,
+                                      **dict(zip(self.past_names, past))})
+        self.past = out[1:]
         return out[0]
 
     def prefill(self, input_ids, attention_mask, pixel_values, max_new_tokens):
         (feats,) = self.vision.run(None, {"pixel_values": pixel_values})
-        t = self.cfg.text
-        empty = np.zeros((len(input_ids), t.num_key_value_heads, 0, t.head_dim), np.float32)
-        return self.run(input_ids, feats, attention_mask, np.zeros_like(input_ids), [empty] * len(self.past_names))
+        B, S = input_ids.shape
+        self.mask = np.concatenate([attention_mask, np.zeros((B, max_new_tokens), np.int64)], axis=1)
+        self.slot = S
+        return self.run(input_ids, feats, self.mask, np.zeros_like(input_ids), np.arange(S), self.buffers(B, S + max_new_tokens))
 
     def decode(self, tokens):
-        mask = np.concatenate([self.mask, np.ones((len(tokens), 1), np.int64)], axis=1)
+        self.mask[:, self.slot] = 1
         none = np.zeros((len(tokens), 0, self.cfg.text.hidden_size), np.float32)
-        return self.run(tokens[:, None].astype(np.int64), none, mask, np.ones((len(tokens), 1), np.int64), self.past)
+        self.slot += 1
+        return self.run(tokens[:, None].astype(np.int64), none, self.mask, np.ones((len(tokens), 1), np.int64),
+                        np.array([self.slot - 1]), self.past)
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])
@@ -197,11 +206,16 @@ def test_decoder_graph_is_prefill_and_decode(exported, padding):
     ids, mask, pix = _batch(cfg, lengths=(11, 3), padding=padding, seed=1)
     split, merged = OrtStepper(out, cfg.text.num_hidden_layers), MergedStepper(out, cfg)
     np.testing.assert_allclose(merged.prefill(ids, mask, pix, 4), split.prefill(ids, mask, pix, 4), rtol=0, atol=TOL)
+    S = ids.shape[1]
     for a, b in zip(merged.past, split.past):
-        np.testing.assert_allclose(a, b, rtol=0, atol=TOL)
+        assert a.shape[2] == S + 4  # the buffer: prompt + max_new_tokens slots
+        np.testing.assert_allclose(a[:, :, :S], b, rtol=0, atol=TOL)
+        assert not a[:, :, S:].any()  # slots not written yet stay as they came in
     for step in range(3):
         tokens = np.array([5 + step, 300 + step], np.int64)
         np.testing.assert_allclose(merged.decode(tokens), split.decode(tokens), rtol=0, atol=TOL)
+    for a, b in zip(merged.past, split.past):
+        np.testing.assert_allclose(a[:, :, :S + 3], b, rtol=0, atol=TOL)
     ref = generate(model, ids, mask, pix, max_new_tokens=12)
     got = generate_tokens(MergedStepper(out, cfg), ids, mask, pix, 12, cfg.eos_token_id, cfg.pad_token_id)
     assert got.tolist() == ref.tolist()
@@ -220,12 +234,56 @@ def test_decoder_graph_scores_a_suffix_in_one_call(exported):
         want = stepped.decode(np.array([t]))
     one = MergedStepper(out, cfg)
     (feats,) = one.vision.run(None, {"pixel_values": pix})
-    t = cfg.text
-    empty = np.zeros((1, t.num_key_value_heads, 0, t.head_dim), np.float32)
     all_ids = np.concatenate([ids, suffix], axis=1)
     token_type = np.concatenate([np.zeros_like(ids), np.ones_like(suffix)], axis=1)
-    got = one.run(all_ids, feats, np.ones_like(all_ids), token_type, [empty] * len(one.past_names))
+    S = all_ids.shape[1]
+    got = one.run(all_ids, feats, np.ones_like(all_ids), token_type, np.arange(S), one.buffers(1, S))
     np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
+
+
+def test_decoder_graph_writes_its_cache_in_place(exported):
+    """Each `present` output of decoder.onnx is its `past` input with the new slots scattered in
+    (the only reader of `past`), so ONNX Runtime updates a buffer bound as both in place: checked
+    on the graph, and on a step run with I/O binding (the buffer's memory holds the new keys, the
+    slots before the step are untouched, and the logits equal the copying run's)."""
+    model, out, _ = exported
+    cfg = model.cfg
+    proto = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    readers = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    n_layers = cfg.text.num_hidden_layers
+    for past, present in zip(decoder_inputs(n_layers)[5:], decode_outputs(n_layers)[1:]):
+        node = producer[present]
+        assert node.op_type == "ScatterElements" and node.input[0] == past
+        # Shape reads no data; any other reader of `past` would see the step's writes.
+        assert [r.op_type for r in readers[past] if r.op_type != "Shape"] == ["ScatterElements"]
+
+    ids, mask, pix = _batch(cfg, lengths=(7, 3), padding="right", seed=2)
+    copying = MergedStepper(out, cfg)
+    copying.prefill(ids, mask, pix, 3)
+    S, tokens = ids.shape[1], np.array([[11], [12]], np.int64)
+    before = [p.copy() for p in copying.past]
+    want = copying.decode(tokens[:, 0])
+    buffers = [ort.OrtValue.ortvalue_from_numpy(p.copy()) for p in before]
+    binding = copying.decoder.io_binding()
+    feed = {"input_ids": tokens, "image_features": np.zeros((2, 0, cfg.text.hidden_size), np.float32),
+            "attention_mask": copying.mask, "token_type_ids": np.ones_like(tokens), "cache_position": np.array([S])}
+    for name, x in feed.items():
+        binding.bind_cpu_input(name, x)
+    binding.bind_output("logits")
+    for past, present, buf in zip(decoder_inputs(n_layers)[5:], decode_outputs(n_layers)[1:], buffers):
+        binding.bind_ortvalue_input(past, buf)
+        binding.bind_ortvalue_output(present, buf)
+    copying.decoder.run_with_iobinding(binding)
+    outputs = binding.get_outputs()
+    np.testing.assert_allclose(outputs[0].numpy(), want, rtol=0, atol=TOL)
+    for buf, got, old, new in zip(buffers, outputs[1:], before, copying.past):
+        assert got.data_ptr() == buf.data_ptr()
+        np.testing.assert_array_equal(buf.numpy()[:, :, :S], old[:, :, :S])
+        np.testing.assert_allclose(buf.numpy()[:, :, S], new[:, :, S], rtol=0, atol=TOL)
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])

@@ -18,7 +18,18 @@ batching):
 `past` is a list of `2 * num_layers` `onnxruntime.OrtValue`s (`past_key_values.{i}.key|value`,
 `[batch, kv_heads, seq, head_dim]`), kept where the graphs run: on the GPU with
 `provider="cuda"` (bound with I/O binding, so only the logits come back to the host each step).
-`OrtValue.numpy()` copies one to the host; numpy arrays are accepted as `past` too.
+`OrtValue.numpy()` copies one to the host; numpy arrays are accepted as `past` too. This step API
+grows `past` by one slot per step, which copies the cache every step. `model.stepper()` (what
+`generate` and `generate_stream` use) does not:
+
+    >>> stepper = model.stepper()  # doctest: +SKIP
+    >>> logits = stepper.prefill(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], 32)  # doctest: +SKIP
+    >>> logits = stepper.decode(logits.argmax(-1))  # doctest: +SKIP
+
+KV cache. With decoder.onnx the stepper allocates the cache once per call, for the prompt plus
+`max_new_tokens` (on the device with CUDA), and binds each layer's buffer as both the `past` input
+and the `present` output: the graph scatters the new keys/values into it in place, so a step
+reads the cache once (attention) and copies none of it.
 
 Memory. A folder written by this pgexport holds `decoder.onnx`, prefill and decode in one graph
 (a prefix/causal marker, `token_type_ids`, keeps the prefix-LM mask exact). It runs in ONE
@@ -70,7 +81,7 @@ from pgexport.runtime.manifest import Manifest, describe_quantization, read_mani
 from pgexport.runtime.onnx_files import ExternalRef, check_external_data, load_graph_proto
 
 VISION_INPUTS = ["pixel_values"]
-DECODER_INPUTS = ["input_ids", "image_features", "attention_mask", "token_type_ids"]  # then the past
+DECODER_INPUTS = ["input_ids", "image_features", "attention_mask", "token_type_ids", "cache_position"]  # then the past
 VISION_OUTPUTS = ["image_features"]
 PREFILL_INPUTS = ["input_ids", "image_features", "attention_mask"]
 
@@ -130,16 +141,19 @@ class OnnxPaliGemma:
                           "provider='cuda'; re-export with `pgexport onnx --quant int8 --target cuda` (MatMulNBits)",
                           stacklevel=2)
         self._past_names, self._present_names = m.past_names(), m.present_names()
-        # One decoder session (decoder.onnx: prefill and decode in one graph) when the folder has
-        # it: the decoder weights are then loaded and prepacked once instead of once per graph.
-        if single_decoder and "decoder" not in m.graphs:
-            raise PgExportError(f"{self.export_dir} has no decoder.onnx (single_decoder=True); re-export it with "
-                                "this pgexport, or pass single_decoder=None")
-        self.single_decoder = "decoder" in m.graphs if single_decoder is None else bool(single_decoder)
+        paths = {key: self.export_dir / name for key, name in m.graphs.items()}
+        # One decoder session (decoder.onnx: prefill and decode in one graph over a cache allocated
+        # once) when the folder has it: the decoder weights are then loaded and prepacked once
+        # instead of once per graph. A decoder.onnx of the earlier form (a growing past, no
+        # `cache_position`) is left alone: such folders run prefill.onnx and decode.onnx.
+        has_decoder = "decoder" in m.graphs and _has_input(paths["decoder"], "cache_position")
+        if single_decoder and not has_decoder:
+            raise PgExportError(f"{self.export_dir} has no decoder.onnx of this version (single_decoder=True); "
+                                "re-export it with this pgexport, or pass single_decoder=None")
+        self.single_decoder = has_decoder if single_decoder is None else bool(single_decoder)
 
         # 1. Every graph is read (without its data) and checked before any session opens it:
         #    readable, external data inside the folder and long enough, inputs/outputs as promised.
-        paths = {key: self.export_dir / name for key, name in m.graphs.items()}
         refs: dict[str, list[ExternalRef]] = {}
         expected_io = {
             "vision_encoder": (VISION_INPUTS, VISION_OUTPUTS),
@@ -149,7 +163,7 @@ class OnnxPaliGemma:
         }
         # Every graph the folder lists, including the ones this runtime will not open: a folder
         # with one damaged or unsafe graph is refused whole.
-        for key in ("vision_encoder", "prefill", "decode", *(("decoder",) if "decoder" in m.graphs else ())):
+        for key in ("vision_encoder", "prefill", "decode", *(("decoder",) if has_decoder else ())):
             proto = load_graph_proto(paths[key])
             refs[key] = check_external_data(paths[key], proto)
             init_names = {t.name for t in proto.graph.initializer}
@@ -376,11 +390,12 @@ class OnnxPaliGemma:
             raise PgExportError(f"input_ids {list(ids.shape)} and attention_mask {list(mask.shape)} must both be [batch, seq]")
         feats = self._value(image_features, self._features_dtype)
         feed = {"input_ids": ids, "image_features": feats, "attention_mask": mask}
-        if self.single_decoder:  # the whole prompt is prefix, over an empty past
-            feed["token_type_ids"] = np.zeros(_shape(ids), np.int64)
-            empty = self._empty_past(_shape(ids)[0])
-            feed.update({name: empty for name in self._past_names})
-        return self._run_decoder(self.prefill_session, feed)
+        if not self.single_decoder:
+            return self._run_decoder(self.prefill_session, feed)
+        batch, seq = _shape(ids)  # the whole prompt is prefix, written into a cache of its length
+        feed.update(token_type_ids=np.zeros((batch, seq), np.int64), cache_position=np.arange(seq, dtype=np.int64))
+        cache = self.new_cache(batch, seq)
+        return self.run_in_place(feed, cache), cache
 
     def decode(self, input_ids, attention_mask, past: Sequence):
         """One token per row -> (logits `[B, vocab]` float32, present with one more slot).
@@ -396,21 +411,61 @@ class OnnxPaliGemma:
             raise PgExportError(f"past has {len(past)} tensors; this model needs {len(self._past_names)} "
                                 f"(key and value of {self.manifest.num_layers} layers)")
         feed = {"input_ids": ids, "attention_mask": mask}
-        if self.single_decoder:  # one causal token, no image features
-            batch = _shape(ids)[0]
-            feed["image_features"] = np.zeros((batch, 0, self.manifest.hidden_size), self._features_dtype)
-            feed["token_type_ids"] = np.ones(_shape(ids), np.int64)
-        feed.update({name: self._value(p, self._past_dtype) for name, p in zip(self._past_names, past)})
-        return self._run_decoder(self.decode_session, feed)
+        if not self.single_decoder:
+            feed.update({name: self._value(p, self._past_dtype) for name, p in zip(self._past_names, past)})
+            return self._run_decoder(self.decode_session, feed)
+        # decoder.onnx writes into fixed-length buffers: grow each by one slot (the copy that
+        # `stepper()` avoids), then write the token there.
+        grown = []
+        for p in past:
+            host = p.numpy() if isinstance(p, ort.OrtValue) else np.asarray(p, self._past_dtype)
+            grown.append(self._device_value(np.concatenate([host, np.zeros_like(host[:, :, :1])], axis=2)))
+        feed.update(self._decode_feed(ids), cache_position=np.array([_shape(grown[0])[2] - 1], np.int64))
+        return self.run_in_place(feed, grown), grown
 
-    def _empty_past(self, batch: int) -> np.ndarray:
+    def _decode_feed(self, ids) -> dict:
+        """decoder.onnx inputs of a decode step besides the mask and position: one causal token per row."""
+        batch = _shape(ids)[0]
+        return {"input_ids": ids, "token_type_ids": np.ones((batch, 1), np.int64),
+                "image_features": np.zeros((batch, 0, self.manifest.hidden_size), self._features_dtype)}
+
+    def _device_value(self, host: np.ndarray):
+        """`host` as an OrtValue where the decoder runs (on CPU it wraps `host`: keep it alive)."""
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(host), *self._device)
+
+    def new_cache(self, batch: int, max_len: int) -> list:
+        """Zeroed KV buffers for decoder.onnx: `2 * num_layers` OrtValues `[batch, kv_heads,
+        max_len, head_dim]` where the decoder runs. (Zeroed: slots not written yet are masked out
+        of attention, but a weight of 0 times a NaN of uninitialised memory would still be NaN.)"""
         m = self.manifest
-        return np.zeros((batch, m.num_kv_heads, 0, m.head_dim), self._past_dtype)
+        zeros = np.zeros((batch, m.num_kv_heads, max_len, m.head_dim), self._past_dtype)
+        if self.provider == "cpu":  # an OrtValue on the CPU wraps its array: one array per buffer
+            return [ort.OrtValue.ortvalue_from_numpy(zeros.copy()) for _ in self._past_names]
+        return [self._device_value(zeros) for _ in self._past_names]
+
+    def run_in_place(self, feed: dict[str, Any], cache: Sequence) -> np.ndarray:
+        """Run decoder.onnx with `cache` (from `new_cache`) bound as both `past` and `present`:
+        the new keys/values are written into it in place. Returns the logits `[B, vocab]` float32.
+
+        `feed`: input_ids, image_features, attention_mask `[B, max_len]`, token_type_ids,
+        cache_position (see exporters/graphs.py for their meaning).
+        """
+        binding = self.decoder_session.io_binding()
+        for name, x in feed.items():
+            self._bind_input(binding, name, self._value(x, self._features_dtype if name == "image_features" else np.int64))
+        binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in the order bound
+        for past_name, present_name, buffer in zip(self._past_names, self._present_names, cache):
+            binding.bind_ortvalue_input(past_name, buffer)
+            binding.bind_ortvalue_output(present_name, buffer)
+        self.decoder_session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
+        return logits if logits.dtype == np.float32 else logits.astype(np.float32)
 
     # ------------------------------------------------------------------ generation
-    def stepper(self) -> _Stepper:
-        """A fresh `pgexport.runtime.generation.Stepper` over this model (holds one call's KV cache)."""
-        return _Stepper(self)
+    def stepper(self) -> _Stepper | _BufferStepper:
+        """A fresh `pgexport.runtime.generation.Stepper` over this model (holds one call's KV cache:
+        with decoder.onnx, buffers allocated once and written in place)."""
+        return _BufferStepper(self) if self.single_decoder else _Stepper(self)
 
     def generate_ids(self, input_ids, attention_mask, pixel_values, max_new_tokens: int = 32,
                      sampling: Sampling | None = None) -> np.ndarray:
@@ -481,6 +536,46 @@ class _Stepper:
         self.mask = np.concatenate([self.mask, np.ones((len(tokens), 1), np.int64)], axis=1)
         logits, self.past = self.model.decode(tokens, self.mask, self.past)
         return logits
+
+
+class _BufferStepper:
+    """One generation call over decoder.onnx: the KV cache is allocated once, for the prompt plus
+    `max_new_tokens`, and every step writes its slot in place."""
+
+    def __init__(self, model: OnnxPaliGemma):
+        self.model = model
+        self.cache: list | None = None
+        self.mask: np.ndarray | None = None  # [B, max_len]: 1 where a real token has been written
+        self.next_slot = 0
+
+    def prefill(self, input_ids, attention_mask, pixel_values, max_new_tokens: int) -> np.ndarray:
+        m = self.model
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        batch, seq = ids.shape
+        features = m.encode_image(pixel_values, keep_on_device=True)
+        self.mask = np.zeros((batch, seq + max_new_tokens), np.int64)
+        self.mask[:, :seq] = attention_mask
+        self.cache = m.new_cache(batch, seq + max_new_tokens)
+        self.next_slot = seq
+        feed = {"input_ids": ids, "image_features": features, "attention_mask": self.mask,
+                "token_type_ids": np.zeros_like(ids), "cache_position": np.arange(seq, dtype=np.int64)}
+        return m.run_in_place(feed, self.cache)
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        slot = self.next_slot
+        if slot >= self.mask.shape[1]:
+            raise PgExportError(f"the KV cache holds {self.mask.shape[1]} tokens (prompt + max_new_tokens); "
+                                "pass a larger max_new_tokens to prefill")
+        self.mask[:, slot] = 1
+        self.next_slot += 1
+        feed = {**self.model._decode_feed(np.asarray(tokens, np.int64).reshape(-1, 1)),
+                "attention_mask": self.mask, "cache_position": np.array([slot], np.int64)}
+        return self.model.run_in_place(feed, self.cache)
+
+
+def _has_input(path: Path, name: str) -> bool:
+    """Whether the ONNX graph at `path` (read without its weights) has an input called `name`."""
+    return any(i.name == name for i in load_graph_proto(path).graph.input)
 
 
 def _load_named_tokenizer(path: Path):
