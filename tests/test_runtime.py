@@ -214,6 +214,46 @@ def test_step_api(runtime_pg1, export_pg1):
         rt.decode(np.zeros((2, 1), np.int64), mask, past[:1])
 
 
+def test_stepper_writes_one_cache_in_place(runtime_pg1):
+    """generate's stepper allocates the cache once (prompt + max_new_tokens slots) and every step
+    writes its slot into that memory; it gives the two-session runtime's logits, and asking for
+    more steps than the cache holds is a one-line error."""
+    rt = runtime_pg1
+    assert rt.single_decoder
+    batch = rt.processor(images=images(), prompts=PROMPTS)
+    ids, mask, pix = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+    S, new = ids.shape[1], 4
+    split = OnnxPaliGemma(rt.export_dir, threads=1, single_decoder=False)
+    ours, theirs = rt.stepper(), split.stepper()
+    np.testing.assert_allclose(ours.prefill(ids, mask, pix, new), theirs.prefill(ids, mask, pix, new), rtol=0, atol=1e-4)
+    pointers = [c.data_ptr() for c in ours.cache]
+    assert ours.cache[0].shape() == [2, rt.manifest.num_kv_heads, S + new, rt.manifest.head_dim]
+    for step in range(new):
+        token = np.array([5 + step, 9 + step])
+        np.testing.assert_allclose(ours.decode(token), theirs.decode(token), rtol=0, atol=1e-4)
+        assert [c.data_ptr() for c in ours.cache] == pointers
+        written = ours.cache[0].numpy()[:, :, :S + step + 1]
+        np.testing.assert_allclose(written, theirs.past[0].numpy(), rtol=0, atol=1e-5)
+    with pytest.raises(PgExportError, match="KV cache holds"):
+        ours.decode(np.array([1, 1]))
+
+
+def test_folder_with_an_earlier_decoder_runs_prefill_and_decode(export_pg1, runtime_pg1, tmp_path):
+    """A decoder.onnx without `cache_position` (the form before the cache was written in place) is
+    not opened: the folder runs its prefill/decode pair, or says to re-export when asked for it."""
+    _, _, out, _ = export_pg1
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    manifest = json.loads((old / "pgexport.json").read_text())
+    manifest["graphs"]["decoder"] = "decode.onnx"  # a decoder graph without cache_position
+    (old / "pgexport.json").write_text(json.dumps(manifest))
+    rt = OnnxPaliGemma(old, threads=1)
+    assert not rt.single_decoder
+    assert rt.generate(images(), PROMPTS, max_new_tokens=6) == runtime_pg1.generate(images(), PROMPTS, max_new_tokens=6)
+    with pytest.raises(PgExportError, match="re-export"):
+        OnnxPaliGemma(old, threads=1, single_decoder=True)
+
+
 @pytest.mark.parametrize("share", [False, "initializers"])
 def test_other_weight_sharing_modes_give_the_same_tokens(export_pg1, runtime_pg1, share):
     """share_weights=False (ORT loads and prepacks) and "initializers" (the CUDA mechanism:

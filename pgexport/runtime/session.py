@@ -420,28 +420,47 @@ class OnnxPaliGemma:
         for p in past:
             host = p.numpy() if isinstance(p, ort.OrtValue) else np.asarray(p, self._past_dtype)
             grown.append(self._device_value(np.concatenate([host, np.zeros_like(host[:, :, :1])], axis=2)))
-        feed.update(self._decode_feed(ids), cache_position=np.array([_shape(grown[0])[2] - 1], np.int64))
-        return self.run_in_place(feed, grown), grown
+        return self.decode_in_place(ids, mask, grown, _shape(grown[0])[2] - 1), grown
 
-    def _decode_feed(self, ids) -> dict:
-        """decoder.onnx inputs of a decode step besides the mask and position: one causal token per row."""
-        batch = _shape(ids)[0]
-        return {"input_ids": ids, "token_type_ids": np.ones((batch, 1), np.int64),
-                "image_features": np.zeros((batch, 0, self.manifest.hidden_size), self._features_dtype)}
+    def decode_in_place(self, input_ids, attention_mask, cache: Sequence, slot: int) -> np.ndarray:
+        """One token per row written into `cache` (from `new_cache`) at `slot` -> logits `[B, vocab]`.
+
+        `attention_mask` `[B, max_len]`: 1 for the real tokens written so far and this one (at
+        `slot`), 0 for padding and the slots not written yet.
+        """
+        ids = np.asarray(input_ids, np.int64).reshape(-1, 1)
+        batch = len(ids)
+        feed = {"input_ids": ids, "token_type_ids": np.ones((batch, 1), np.int64),  # one causal token
+                "image_features": np.zeros((batch, 0, self.manifest.hidden_size), self._features_dtype),
+                "attention_mask": attention_mask, "cache_position": np.array([slot], np.int64)}
+        return self.run_in_place(feed, cache)
 
     def _device_value(self, host: np.ndarray):
-        """`host` as an OrtValue where the decoder runs (on CPU it wraps `host`: keep it alive)."""
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(host), *self._device)
+        """A copy of `host` in memory that ONNX Runtime allocates where the decoder runs. (Not an
+        OrtValue wrapping `host`: `OrtValue.numpy()` of one of those returns a view that does not
+        keep the memory alive, so an application holding only that view would read freed memory.)"""
+        value = ort.OrtValue.ortvalue_from_shape_and_type(host.shape, host.dtype, *self._device)
+        value.update_inplace(np.ascontiguousarray(host))
+        return value
 
-    def new_cache(self, batch: int, max_len: int) -> list:
-        """Zeroed KV buffers for decoder.onnx: `2 * num_layers` OrtValues `[batch, kv_heads,
-        max_len, head_dim]` where the decoder runs. (Zeroed: slots not written yet are masked out
-        of attention, but a weight of 0 times a NaN of uninitialised memory would still be NaN.)"""
+    def new_cache(self, batch: int, max_len: int, start: Sequence | None = None) -> list:
+        """KV buffers for decoder.onnx: `2 * num_layers` OrtValues `[batch, kv_heads, max_len,
+        head_dim]` where the decoder runs, zeroed, or holding `start` (a `past` as `prefill`
+        returns it, `[batch, kv_heads, past, head_dim]` each) in their first slots. (Zeroed: slots
+        not written yet are masked out of attention, but a weight of 0 times the NaN of
+        uninitialised memory would still be NaN.)
+
+        >>> cache = model.new_cache(1, 300)  # doctest: +SKIP
+        """
         m = self.manifest
-        zeros = np.zeros((batch, m.num_kv_heads, max_len, m.head_dim), self._past_dtype)
-        if self.provider == "cpu":  # an OrtValue on the CPU wraps its array: one array per buffer
-            return [ort.OrtValue.ortvalue_from_numpy(zeros.copy()) for _ in self._past_names]
-        return [self._device_value(zeros) for _ in self._past_names]
+        buffers = []
+        for i in range(len(self._past_names)):
+            host = np.zeros((batch, m.num_kv_heads, max_len, m.head_dim), self._past_dtype)
+            if start is not None:
+                values = start[i].numpy() if isinstance(start[i], ort.OrtValue) else np.asarray(start[i])
+                host[:, :, :values.shape[2]] = values
+            buffers.append(self._device_value(host))
+        return buffers
 
     def run_in_place(self, feed: dict[str, Any], cache: Sequence) -> np.ndarray:
         """Run decoder.onnx with `cache` (from `new_cache`) bound as both `past` and `present`:
@@ -568,9 +587,7 @@ class _BufferStepper:
                                 "pass a larger max_new_tokens to prefill")
         self.mask[:, slot] = 1
         self.next_slot += 1
-        feed = {**self.model._decode_feed(np.asarray(tokens, np.int64).reshape(-1, 1)),
-                "attention_mask": self.mask, "cache_position": np.array([slot], np.int64)}
-        return self.model.run_in_place(feed, self.cache)
+        return self.model.decode_in_place(tokens, self.mask, self.cache, slot)
 
 
 def _has_input(path: Path, name: str) -> bool:
