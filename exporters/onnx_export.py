@@ -124,19 +124,18 @@ def export_onnx(
         warnings.warn("PaliGemma 2 (Gemma 2) activations can overflow fp16; prefer a float32 export "
                       "(or bfloat16 on a runtime that has it) and check the outputs", stacklevel=2)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    fake_mode, fake_model = _fake_model(cfg, torch_dtype)
-    _check_source_shapes(source, fake_model)
-    graphs = (VisionEncoderGraph(fake_model), PrefillGraph(fake_model), DecodeGraph(fake_model),
-              DecoderGraph(fake_model))
+    fake_mode, fake = fake_model(cfg, torch_dtype)
+    check_source_shapes(source, fake)
+    graphs = (VisionEncoderGraph(fake), PrefillGraph(fake), DecodeGraph(fake), DecoderGraph(fake))
 
     tmp = staging_folder(out_dir)
     try:
         # Vision encoder: its own data file.
         say(f"exporting {VISION_FILE} ({dtype}, weights from {source.describe()})")
-        vision = _export_graph(graphs[0], opset, source, torch_dtype, fake_mode,
+        vision = export_graph(graphs[0], opset, source, torch_dtype, fake_mode,
                                fusions=ort_fusions and dtype == "float32")
         say(f"writing {VISION_DATA}")
-        vision_store = _SharedExternalData(tmp, VISION_DATA)
+        vision_store = SharedExternalData(tmp, VISION_DATA)
         vision_store.add(vision)
         vision_store.finish()
         ir.save(vision, tmp / VISION_FILE)
@@ -144,11 +143,11 @@ def export_onnx(
 
         # Prefill, decode and the merged decoder: one data file, each distinct tensor stored once.
         # Prefill's weights are written before the others are traced; they find them in the file.
-        store = _SharedExternalData(tmp, DECODER_DATA)
+        store = SharedExternalData(tmp, DECODER_DATA)
         decoder_graphs = {}
         for name, graph in zip((PREFILL_FILE, DECODE_FILE, DECODER_FILE), graphs[1:]):
             say(f"exporting {name}")
-            decoder_graphs[name] = _export_graph(graph, opset, source, torch_dtype, fake_mode)
+            decoder_graphs[name] = export_graph(graph, opset, source, torch_dtype, fake_mode)
             if name == PREFILL_FILE:
                 say(f"writing {DECODER_DATA}")
             store.add(decoder_graphs[name])
@@ -203,7 +202,7 @@ def open_source(model: PaliGemma | str | os.PathLike) -> tuple[PaliGemmaConfig, 
     raise TypeError(f"export_onnx takes a PaliGemma or a checkpoint folder, not {type(model).__name__}")
 
 
-def _fake_model(cfg: PaliGemmaConfig, dtype: torch.dtype):
+def fake_model(cfg: PaliGemmaConfig, dtype: torch.dtype):
     """The model's structure with fake parameters (shapes and dtypes only, no memory)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -218,7 +217,7 @@ def _fake_model(cfg: PaliGemmaConfig, dtype: torch.dtype):
     return mode, model
 
 
-def _check_source_shapes(source: TensorSource, model: torch.nn.Module) -> None:
+def check_source_shapes(source: TensorSource, model: torch.nn.Module) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = source.shapes()
     if got != expected:
@@ -227,7 +226,7 @@ def _check_source_shapes(source: TensorSource, model: torch.nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------- tracing
-def _export_graph(graph: torch.nn.Module, opset: int, source: TensorSource, dtype: torch.dtype, fake_mode,
+def export_graph(graph: torch.nn.Module, opset: int, source: TensorSource, dtype: torch.dtype, fake_mode,
                   fusions: bool = False) -> ir.Model:
     """Trace one wrapper (fake weights), bind its weights to `source`, optimize; returns the IR model."""
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -427,7 +426,7 @@ def _check_io(model: ir.Model, inputs: list[str], outputs: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------- external data
-class _SharedExternalData:
+class SharedExternalData:
     """One external-data file that several models' initializers point into, each distinct
     tensor stored once, written as it is added.
 
