@@ -15,6 +15,7 @@ from PIL import Image
 
 from pgexport.bench.report import compare_files
 from pgexport.bench.run import parse_backends, run_bench
+from pgexport.batch.job import ENGINES, run_batch
 from pgexport.bundled import SAMPLE_IMAGE, default_model
 from pgexport.errors import PgExportError
 from pgexport.processing.detection import draw_detections, parse_detections
@@ -457,6 +458,57 @@ def finetune(model_spec, data, val_data, out, epochs, max_steps, lr, batch_size,
                          bf16=bf16)
     run_finetune(model_spec or default_model(), data, out, val_data=val_data, config=config, resume=resume,
                  progress=lambda m: click.echo(m, err=True))
+
+
+# ----------------------------------------------------------------------------- batch
+@main.command("batch", cls=_OneLineUsage)
+@click.option("--model", "model_spec", default=None,
+              help="Export folder, or a checkpoint folder / preset (exported once into a cache) "
+                   "(default: the built-in model).")
+@click.option("--input", "input_spec", required=True, help="Folder of images, a quoted glob, FILE.jsonl or FILE.parquet.")
+@click.option("--out", required=True, help="RESULTS.parquet or RESULTS.jsonl (one row per image and prompt).")
+@click.option("--prompt", default="caption en", show_default=True, help="The prompt for every image.")
+@click.option("--prompt-column", default=None, help="JSONL/Parquet column holding each row's prompt (instead of --prompt).")
+@click.option("--image-column", default="image", show_default=True, help="JSONL/Parquet column with the image path or bytes.")
+@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
+              help="local: this process; ray: Ray Data actors (pip install 'pgexport[ray]').")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Images per ONNX Runtime call.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Model copies: threads (local) or Ray actors, each loading the export once.")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="Intra-op threads per worker (default: cores / workers).")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="ONNX Runtime provider; with --engine ray each actor takes a GPU.")
+@click.option("--address", default=None, help="--engine ray: join this Ray cluster (e.g. auto, ray://head:10001).")
+@click.option("--resume", is_flag=True, help="Keep the rows already in --out (or left by a killed run) and run the rest.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option("--chunk-size", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Rows per chunk written while the job runs (what a killed job keeps).")
+def batch_command(model_spec, input_spec, out, prompt, prompt_column, image_column, engine, batch_size, workers, threads,
+                  max_new_tokens, provider, address, resume, overwrite, chunk_size):
+    """Run a model over a collection of images; one output row per (image, prompt).
+
+    Rows hold the image id and path, the prompt, the text, pixel boxes for `detect` prompts, an
+    error (an unreadable image becomes an error row; the job goes on) and the batch time. Rows
+    are written in chunks as they finish, so a killed job keeps them and --resume continues it.
+    See docs/batch.md.
+
+    \b
+    Example:
+      pgexport batch --model exports/pg-224 --input photos/ --out captions.parquet --batch-size 16
+      pgexport batch --input shapes/test.jsonl --prompt-column prefix --out answers.jsonl --resume
+      pgexport batch --model exports/pg-224 --input "shots/**/*.jpg" --out boxes.parquet --prompt "detect car" \\
+          --engine ray --workers 4 --address auto
+    """
+    if address and engine != "ray":
+        raise click.UsageError("--address applies to --engine ray")
+    summary = run_batch(model_spec, input_spec, out, prompt=prompt, prompt_column=prompt_column,
+                        image_column=image_column, engine=engine, batch_size=batch_size, workers=workers,
+                        threads=threads, max_new_tokens=max_new_tokens, provider=provider, resume=resume,
+                        overwrite=overwrite, address=address, chunk_rows=chunk_size, progress=_progress)
+    skipped = f", {summary['skipped']} kept from before" if summary["skipped"] else ""
+    click.echo(f"wrote {out}: {summary['rows']} rows ({summary['processed']} run{skipped}, {summary['errors']} errors) "
+               f"in {summary['seconds']:.1f} s, {summary['images_per_second']:.1f} images/s")
 
 
 # ----------------------------------------------------------------------------- bench

@@ -30,7 +30,7 @@ PACKAGE_DIRS = {"pgexport": "pgexport", "models": "pgexport.models", "exporters"
 MODELS_MAY_IMPORT = ("torch", "numpy", "safetensors", "pgexport.errors", "pgexport.vocab", "pgexport.models")
 CORE = ("pgexport.errors", "pgexport.vocab", "pgexport.files", "pgexport.bundled", "pgexport.machine",
         "pgexport.runtime", "pgexport.processing")
-APP = ("pgexport.eager", "pgexport.train", "pgexport.bench", "pgexport.api", "pgexport.cli")
+APP = ("pgexport.eager", "pgexport.train", "pgexport.bench", "pgexport.batch", "pgexport.api", "pgexport.cli")
 CORE_MUST_NOT_IMPORT = ("torch", "pgexport.models", "pgexport.exporters", *APP)
 EXPORTERS_MUST_NOT_IMPORT = APP
 TOP_LEVEL_ONLY = ("numpy", "onnx", "onnxruntime")
