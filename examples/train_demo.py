@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vision-lr-scale", type=float, default=0.3, help="the tower's lr in stage 2, relative to --stage2-lr")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()  # wall, and CPU (user + sys, every thread) of this process
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="pgexport-demo-"))
     data = work / "data"
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
                           max_new_tokens=40, device=args.device, bf16=None if args.bf16 is None else bool(args.bf16))
         model = finetune(model, data / "train.jsonl", work / ("run" if not frozen else "run-frozen"),
                          val_data=data / "val.jsonl", processor=processor, config=cfg)["model"]
-    train_seconds = time.time() - t0
+    train_seconds, train_cpu_seconds = time.time() - t0, time.process_time() - cpu0
 
     # Fresh test set from another seed; no scene of the training data may reappear.
     test_dir = work / "test"
@@ -239,6 +239,7 @@ def main(argv=None) -> int:
         "batch_size": args.batch_size, "lr": args.lr, "stage2_lr": args.stage2_lr,
         "vision_lr_scale": args.vision_lr_scale, "train_images": args.train_images,
         "train_examples": len(read_jsonl(data / "train.jsonl")), "train_minutes": round(train_seconds / 60, 1),
+        "train_cpu_minutes": round(train_cpu_seconds / 60, 1),
         "vision_pretraining": stage0, "weights_dtype": args.dtype, "test_seed": TEST_SEED, "test_counts": counts,
         "test_metrics": {k: round(v, 4) for k, v in metrics.items()},
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -75,12 +75,60 @@ def test_tasks_are_consistent_with_the_scene():
                 shape = prefix.removeprefix("detect ")
                 dets = parse_detections(suffix, scene.size, scene.size)
                 want = [s for s in shapes if s.shape == shape]
-                assert [d.label for d in dets] == [shape] * len(want) and want
+                assert [d.label for d in dets] == [shape] * len(want)
+                assert want or suffix == ""  # an absent shape: the empty answer
                 for d, s in zip(dets, want):  # encode_box round trip: within half a bin
                     assert np.allclose(d.box, s.box, atol=scene.size / 1023 / 2 + 1e-9)
             else:
                 raise AssertionError(task)
     assert seen == set(TASKS)
+
+
+def test_detect_prompts_for_absent_shapes():
+    """A quarter of the detect prompts ask for a shape the image does not hold; their target is
+    the empty answer (no box, then <eos>), as PaliGemma answers. Every image still asks for one
+    shape it holds, and colour/position questions only ask about shapes that are there."""
+    present, absent = [], []
+    for scene, tasks in make_examples(seed=3, num_images=2000):
+        kinds = {s.shape for s in scene.shapes}
+        detects = [(prefix.removeprefix("detect "), suffix) for task, prefix, suffix in tasks if task == "detect"]
+        assert sum(shape in kinds for shape, _ in detects) == 1  # one prompt for a present shape per image
+        for shape, suffix in detects:
+            (present if shape in kinds else absent).append(suffix)
+        for task, prefix, suffix in tasks:
+            if task in ("color", "position"):
+                assert prefix.removesuffix("?").split()[-1] in kinds, prefix
+    assert 0.2 <= len(absent) / (len(absent) + len(present)) <= 0.3
+    assert set(absent) == {""} and all(parse_detections(t, 224, 224) for t in present)
+    assert parse_detections("", 224, 224) == []
+
+
+def test_captions_use_the_right_article():
+    captions = [suffix for _, tasks in make_examples(seed=3, num_images=500) for task, _, suffix in tasks
+                if task == "caption"]
+    text = " ".join(captions)
+    assert "an orange" in text and "a orange" not in text
+    assert all(f"an {c}" not in text for c in COLOURS if c != "orange")  # "a red", never "an red"
+    assert sum(f"a {c}" in text for c in COLOURS) == len(COLOURS) - 1
+
+
+def test_task_metrics_false_positives_and_recall():
+    """detect prompts with an empty target count towards the false-positive rate (any box is one)
+    and not towards IoU; recall counts target boxes found at IoU >= 0.5 with the right label."""
+    from pgexport.train.dataset import Example, task_metrics
+
+    a = "<loc0000><loc0000><loc0511><loc0511> circle"
+    b = "<loc0512><loc0512><loc1023><loc1023> circle"
+    half = "<loc0000><loc0000><loc0255><loc0511> circle"  # IoU 0.5 with a (within a bin)
+    rows = [("detect", f"{a} ; {b}", a), ("detect", a, half), ("detect", "", ""), ("detect", "", b),
+            ("detect", "", ""), ("count", "two", "two"), ("count", "one", "two")]
+    metrics, counts = task_metrics((Example("x.png", "p", target, task), text) for task, target, text in rows)
+    assert counts == {"count": 2, "detect": 2, "detect_absent": 3}
+    assert metrics["detect_fp_rate"] == pytest.approx(1 / 3)
+    assert metrics["detect_iou"] == pytest.approx((0.5 + detection_iou(half, a)) / 2)
+    assert metrics["detect_recall"] == pytest.approx(1 / 3)  # a found; b missed; half is just under 0.5
+    assert metrics["exact_match"] == 0.5 and metrics["count"] == 0.5
+    assert detection_iou("", "") == 1.0 and detection_iou(a, "") == 0.0
 
 
 def test_count_questions_are_not_mostly_zero():

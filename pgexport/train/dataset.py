@@ -10,8 +10,12 @@ one answer. From each image come PaliGemma-style tasks:
     answer en how many shapes are there?    two          (also "how many circles are there?")
     answer en where is the red circle?      top left     (one of 9 grid cells)
     detect circle                           <loc0012><loc0034><loc0300><loc0321> circle ; ...
+    detect triangle                         (empty: no triangle in the image)
 
-Objects are listed in reading order (grid rows top to bottom, then left to right) in captions
+Every image asks to detect a shape it holds; about a third also ask for one it does not hold,
+answered as PaliGemma answers a detection prompt for an absent object: with nothing (the
+empty suffix, then `<eos>`), so a quarter of the detect examples teach the model not to draw a
+box. Questions ask the colour or position only of shapes that are there. Objects are listed in reading order (grid rows top to bottom, then left to right) in captions
 and detections, so every target is unique. Boxes use `pgexport.processing.detection.encode_box`, the
 format `parse_detections` reads.
 
@@ -55,6 +59,7 @@ CELL_NAMES = (("top left", "top", "top right"), ("left", "center", "right"),
 SIDE = (0.70, 0.95)  # a shape's side as a fraction of its grid cell's
 TASKS = ("caption", "color", "count", "position", "detect")
 SPLITS = ("train", "val", "test")
+ABSENT_DETECT = 0.35  # chance that an image also asks to detect an absent shape (0.35 / 1.35 = 26% of detect examples)
 
 
 @dataclass(frozen=True)
@@ -160,18 +165,25 @@ def _plural(shape: str) -> str:
     return shape + "s"
 
 
+def article(word: str) -> str:
+    """"an" before a vowel sound ("an orange"), else "a" (every colour name here starts as spelt)."""
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def caption(scene: Scene) -> str:
-    """"a red circle", "a red circle and a blue square", "a red circle, a blue square and a ..."."""
-    parts = [f"a {s.colour} {s.shape}" for s in scene.shapes]
+    """"a red circle", "a red circle and an orange square", "a red circle, a blue square and a ..."."""
+    parts = [f"{article(s.colour)} {s.colour} {s.shape}" for s in scene.shapes]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 def detection_target(scene: Scene, shape: str) -> str:
+    """Every `shape` of the scene in reading order, " ; "-separated; "" when there is none."""
     return " ; ".join(f"{encode_box(s.box, scene.size, scene.size)} {s.shape}" for s in scene.shapes if s.shape == shape)
 
 
 def scene_tasks(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:
-    """(task, prefix, suffix) for one scene: a caption, one question of each kind, one detection."""
+    """(task, prefix, suffix) for one scene: a caption, one question of each kind, one detection
+    of a present shape and, with probability ABSENT_DETECT, one of an absent shape (suffix "")."""
     shapes = scene.shapes
     out = [("caption", "caption en", caption(scene))]
     # colour: of a shape that occurs once
@@ -193,6 +205,11 @@ def scene_tasks(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, 
     # detect: a shape that is present (every instance, reading order)
     kind = shapes[int(rng.integers(len(shapes)))].shape
     out.append(("detect", f"detect {kind}", detection_target(scene, kind)))
+    # detect: a shape that is absent (at most 3 of the 4 kinds are present, so one always is)
+    if rng.random() < ABSENT_DETECT:
+        absent = [k for k in SHAPES if all(s.shape != k for s in shapes)]
+        kind = absent[int(rng.integers(len(absent)))]
+        out.append(("detect", f"detect {kind}", detection_target(scene, kind)))
     return out
 
 
@@ -309,23 +326,31 @@ def box_iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def detection_iou(predicted: str, target: str, width: int = 1, height: int = 1) -> float:
-    """Mean IoU of one detection answer: boxes matched greedily by IoU (labels must agree);
-    the sum of matched IoUs is divided by max(#predicted, #target), so missing and extra boxes
-    both count as 0."""
+IOU_HIT = 0.5  # a predicted box finds a target box at this IoU or more (recall; the COCO/VOC threshold)
+
+
+def matched_ious(predicted: str, target: str, width: int = 1, height: int = 1) -> tuple[list[float], int, int]:
+    """Boxes of one detection answer matched to the target's greedily by IoU (labels must agree):
+    (IoUs of the matched pairs, number predicted, number in the target)."""
     pred = parse_detections(predicted, width, height)
     gold = parse_detections(target, width, height)
-    if not gold and not pred:
-        return 1.0
     pairs = sorted(((box_iou(p.box, g.box), i, j) for i, p in enumerate(pred) for j, g in enumerate(gold)
                     if p.label == g.label), reverse=True)
-    used_p, used_g, total = set(), set(), 0.0
+    used_p, used_g, ious = set(), set(), []
     for iou, i, j in pairs:
         if i not in used_p and j not in used_g:
             used_p.add(i)
             used_g.add(j)
-            total += iou
-    return total / max(len(pred), len(gold))
+            ious.append(iou)
+    return ious, len(pred), len(gold)
+
+
+def detection_iou(predicted: str, target: str, width: int = 1, height: int = 1) -> float:
+    """Mean IoU of one detection answer: boxes matched greedily by IoU (labels must agree);
+    the sum of matched IoUs is divided by max(#predicted, #target), so missing and extra boxes
+    both count as 0. Both empty (nothing there, nothing found) is 1."""
+    ious, n_pred, n_gold = matched_ious(predicted, target, width, height)
+    return sum(ious) / max(n_pred, n_gold) if n_pred or n_gold else 1.0
 
 
 def score(task: str, predicted: str, target: str) -> float:
@@ -333,3 +358,39 @@ def score(task: str, predicted: str, target: str) -> float:
     if task == "detect":
         return detection_iou(predicted, target)
     return float(predicted.strip() == target.strip())
+
+
+def task_metrics(pairs) -> tuple[dict, dict]:
+    """Score (record, predicted text) pairs: (metrics, counts).
+
+    metrics: exact match per question/caption task and their mean "exact_match"; for detect
+    prompts whose target holds boxes, "detect" = "detect_iou" (mean `detection_iou`) and
+    "detect_recall" (target boxes found at IoU >= IOU_HIT with the right label); for detect
+    prompts whose target is empty (the shape is absent), "detect_fp_rate" (answers holding at
+    least one box). A metric with no example is left out. counts: examples per task, with the
+    absent-shape prompts as "detect_absent"."""
+    by_task: dict[str, list[float]] = {}
+    found = boxes = false_positives = absent = 0
+    for r, text in pairs:
+        if r.task == "detect" and not parse_detections(r.suffix, 1, 1):
+            absent += 1
+            false_positives += bool(parse_detections(text, 1, 1))
+            continue
+        by_task.setdefault(r.task, []).append(score(r.task, text, r.suffix))
+        if r.task == "detect":
+            ious, _, n_gold = matched_ious(text, r.suffix)
+            found += sum(iou >= IOU_HIT for iou in ious)
+            boxes += n_gold
+    metrics = {task: float(np.mean(v)) for task, v in sorted(by_task.items())}
+    em = [s for t, v in by_task.items() if t != "detect" for s in v]
+    if em:
+        metrics["exact_match"] = float(np.mean(em))
+    if "detect" in by_task:
+        metrics["detect_iou"] = metrics["detect"]
+        metrics["detect_recall"] = found / boxes
+    if absent:
+        metrics["detect_fp_rate"] = false_positives / absent
+    counts = {task: len(v) for task, v in sorted(by_task.items())}
+    if absent:
+        counts["detect_absent"] = absent
+    return metrics, counts

@@ -2,7 +2,7 @@
 
     >>> from pgexport.train.evaluate import task_accuracy, teacher_forced_agreement
     >>> task_accuracy(OnnxPaliGemma("exports/demo-int4"), records)  # doctest: +SKIP
-    {'caption': 0.98, ..., 'exact_match': 0.95, 'detect_iou': 0.81}
+    {'caption': 0.98, ..., 'exact_match': 0.95, 'detect_iou': 0.81, 'detect_recall': 0.97, 'detect_fp_rate': 0.0}
 
 `records` are `pgexport.train.dataset.Example`s (e.g. `read_jsonl("shapes/test.jsonl")`). Used by
 `benchmarks/eval_quant_demo.py` and the demo-model gates of `tests/test_quantize.py`.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from pgexport.runtime.quality import logit_quality
-from pgexport.train.dataset import score
+from pgexport.train.dataset import task_metrics
 
 # The demo-model gates' test set (tests/test_quantize.py, benchmarks/eval_quant_demo.py): the
 # shapes dataset of this seed, as many images. Its first 100 are the demo's held-out set
@@ -25,19 +25,19 @@ DEMO_EVAL_IMAGES = 500
 
 def task_accuracy(rt, records, batch_size: int = 64, max_new_tokens: int = 40) -> dict:
     """Greedy outputs of `rt` (anything with `generate(images, prompts, max_new_tokens)`, e.g.
-    `OnnxPaliGemma`) scored like `pgexport.train.finetune.evaluate`: {task: score, "exact_match": mean
-    over the non-detect examples, "detect_iou": mean IoU of the detect examples}."""
-    by_task: dict[str, list[float]] = {}
+    `OnnxPaliGemma`) scored like `pgexport.train.finetune.evaluate` (`task_metrics`): {task: score,
+    "exact_match": mean over the non-detect examples, "detect_iou" and "detect_recall" over the
+    detect prompts for present shapes, "detect_fp_rate": share of the prompts for absent shapes
+    answered with a box}; a metric without examples is None."""
+    predictions = []
     order = sorted(range(len(records)), key=lambda i: (records[i].task, i))
     for start in range(0, len(order), batch_size):
         chunk = [records[i] for i in order[start:start + batch_size]]
         texts = rt.generate([r.image for r in chunk], [r.prefix for r in chunk], max_new_tokens=max_new_tokens)
-        for r, text in zip(chunk, texts):
-            by_task.setdefault(r.task, []).append(score(r.task, text, r.suffix))
-    metrics = {task: float(np.mean(v)) for task, v in sorted(by_task.items())}
-    em = [s for t, v in by_task.items() if t != "detect" for s in v]
-    metrics["exact_match"] = float(np.mean(em)) if em else None
-    metrics["detect_iou"] = float(np.mean(by_task["detect"])) if "detect" in by_task else None
+        predictions += zip(chunk, texts)
+    metrics, _ = task_metrics(predictions)
+    for key in ("exact_match", "detect_iou", "detect_recall", "detect_fp_rate"):
+        metrics.setdefault(key, None)
     return metrics
 
 

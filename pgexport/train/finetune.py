@@ -50,7 +50,7 @@ from pgexport.files import move_into_place, staging_folder
 from pgexport.machine import cpu_flags
 from pgexport.models.checkpoint import load_checkpoint, save_checkpoint
 from pgexport.processing.image import preprocess_images
-from pgexport.train.dataset import Example, read_jsonl, score
+from pgexport.train.dataset import Example, read_jsonl, task_metrics
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.json"
@@ -220,28 +220,21 @@ class _nullcontext:
 @torch.no_grad()
 def evaluate(model, processor, records: list[Example], batch_size: int = 32, max_new_tokens: int = 48,
              return_predictions: bool = False):
-    """Greedy-decode every record and score it: exact match per question/caption task, mean IoU
-    for `detect`. Returns {task: score, "exact_match": mean over non-detect, "detect_iou": ...}."""
+    """Greedy-decode every record and score it (`pgexport.train.dataset.task_metrics`): exact match
+    per question/caption task, IoU and recall for `detect`, the false-positive rate of detect
+    prompts for absent objects. Returns {task: score, "exact_match", "detect_iou", "detect_recall",
+    "detect_fp_rate"} (each only where the records have such examples)."""
     was_training = model.training
     model.eval()
-    by_task: dict[str, list[float]] = {}
     predictions = []
     # Group by task so a batch's prompts and answers have similar lengths.
     order = sorted(range(len(records)), key=lambda i: (records[i].task, i))
     for start in range(0, len(order), batch_size):
         chunk = [records[i] for i in order[start:start + batch_size]]
         texts = generate_text(model, processor, [r.image for r in chunk], [r.prefix for r in chunk], max_new_tokens=max_new_tokens)
-        for r, text in zip(chunk, texts):
-            by_task.setdefault(r.task, []).append(score(r.task, text, r.suffix))
-            predictions.append((r, text))
+        predictions += zip(chunk, texts)
     model.train(was_training)
-    metrics = {task: float(np.mean(v)) for task, v in sorted(by_task.items())}
-    em = [s for t, v in by_task.items() if t != "detect" for s in v]
-    if em:
-        metrics["exact_match"] = float(np.mean(em))
-    if "detect" in by_task:
-        metrics["detect_iou"] = float(np.mean(by_task["detect"]))
-    counts = {task: len(v) for task, v in by_task.items()}
+    metrics, counts = task_metrics(predictions)
     return (metrics, counts, predictions) if return_predictions else metrics
 
 
