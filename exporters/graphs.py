@@ -248,9 +248,15 @@ class DecoderGraph(_CachedGraph):
         kv = [torch.zeros(shape, dtype=self.model.dtype) for _ in range(2 * t.num_hidden_layers)]
         return ids, feats, mask, token_type, cache_position, kv
 
-    # Readable names for the symbols torch.export invents (input name, axis) -> name.
-    axis_names = {("input_ids", 0): BATCH, ("input_ids", 1): SEQ, ("image_features", 0): BATCH,
-                  ("image_features", 1): "num_image_features", ("attention_mask", 1): MAX_LEN}
+    @property
+    def axis_names(self) -> dict:
+        """Readable names for the symbols torch.export invents: (input name, axis) -> name. The
+        value buffers are named too: their length only meets the mask's through a MatMul, which
+        torch.export does not turn into an equality, so it gives them symbols of their own."""
+        n = self.model.cfg.text.num_hidden_layers
+        return {("input_ids", 0): BATCH, ("input_ids", 1): SEQ, ("image_features", 0): BATCH,
+                ("image_features", 1): "num_image_features", ("attention_mask", 1): MAX_LEN,
+                **{(f"past_key_values.{i}.value", 2): MAX_LEN for i in range(n)}}
 
     def dynamic_shapes(self) -> dict:
         # Dim.DYNAMIC lets torch.export derive which axes are equal from the graph itself.

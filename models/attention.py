@@ -65,11 +65,14 @@ def attention(
 ) -> torch.Tensor:
     """Scaled dot-product attention with grouped KV heads and optional Gemma 2 logit soft-cap.
 
-    fp32/bf16 without soft-cap use PyTorch's SDPA (`enable_gqa` in eager mode; the exported
-    graphs fold the group into the query length instead, which every ONNX runtime can run). fp16 always takes the explicit path below with
-    the scores in fp32: the query is scaled before the product so the fp16 scores stay in range,
-    and the soft-cap, mask and softmax run in fp32 (an fp16 softmax is what an exported fp16 SDPA
-    would otherwise compute). Training on the CPU also takes the explicit path while the scores
+    Eager fp32/bf16 without soft-cap use PyTorch's SDPA (`enable_gqa`). The exported graphs take
+    the explicit path below and fold the KV group into the query length, which every ONNX runtime
+    can run: the ONNX decomposition of SDPA transposes the key cache into a new tensor and scales
+    it at every step (two copies of the whole cache per layer and token), while `q @ k^T` becomes a
+    MatMul that ONNX Runtime fuses with the transpose into one GEMM reading the cache where it
+    lies. fp16 always takes the explicit path with the scores in fp32: the query is scaled before
+    the product so the fp16 scores stay in range, and the soft-cap, mask and softmax run in fp32
+    (an fp16 softmax is what an exported fp16 SDPA would otherwise compute). Training on the CPU also takes the explicit path while the scores
     are small (S x T <= EXPLICIT_MAX_SCORES): there PyTorch's SDPA picks its flash kernel, whose
     CPU backward is much slower than matmul-softmax-matmul at such shapes
     (benchmarks/bench_attention.py, bench_train_step.py). Longer sequences keep SDPA, which does
@@ -78,8 +81,10 @@ def attention(
     B, H, S, Dh = q.shape
     groups = H // k.shape[1]
     training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    explicit = softcap is not None or (training and q.device.type == "cpu" and S * k.shape[2] <= EXPLICIT_MAX_SCORES)
-    if groups > 1 and q.dtype != torch.float16 and not explicit and not torch.compiler.is_exporting():
+    exporting = torch.compiler.is_exporting()
+    explicit = (softcap is not None or exporting
+                or (training and q.device.type == "cpu" and S * k.shape[2] <= EXPLICIT_MAX_SCORES))
+    if groups > 1 and q.dtype != torch.float16 and not explicit:
         # Eager fast path: SDPA maps query head h to KV head h // groups itself (no copy of the
         # cache) and keeps the small [B, 1, S, T] boolean mask, as transformers does.
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
@@ -95,6 +100,8 @@ def attention(
     scale = Dh**-0.5 if scale is None else scale
     if q.dtype == torch.float16:  # scale the query first so the fp16 product stays in range, then fp32
         scores = torch.matmul(q * scale, k.transpose(-1, -2)).float()  # [B, Hkv, groups * S, T]
+    elif exporting:  # scaling the small query, not the scores or the cache
+        scores = torch.matmul(q * scale, k.transpose(-1, -2))
     else:  # CPU training, or Gemma 2, whose soft-cap (tanh of the raw scores) SDPA cannot express
         scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if softcap is not None:

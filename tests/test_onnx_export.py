@@ -241,7 +241,7 @@ def test_decoder_graph_scores_a_suffix_in_one_call(exported):
     np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
 
 
-def test_decoder_graph_writes_its_cache_in_place(exported):
+def test_decoder_graph_writes_its_cache_in_place(exported, tmp_path):
     """Each `present` output of decoder.onnx is its `past` input with the new slots scattered in
     (the only reader of `past`), so ONNX Runtime updates a buffer bound as both in place: checked
     on the graph, and on a step run with I/O binding (the buffer's memory holds the new keys, the
@@ -260,6 +260,21 @@ def test_decoder_graph_writes_its_cache_in_place(exported):
         assert node.op_type == "ScatterElements" and node.input[0] == past
         # Shape reads no data; any other reader of `past` would see the step's writes.
         assert [r.op_type for r in readers[past] if r.op_type != "Shape"] == ["ScatterElements"]
+    # Every buffer, key or value, input or output, has the mask's length by name.
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*proto.graph.input, *proto.graph.output]}
+    assert shapes["attention_mask"][1] == "max_sequence_length"
+    for name in [*decoder_inputs(n_layers)[5:], *decode_outputs(n_layers)[1:]]:
+        assert shapes[name][2] == "max_sequence_length", (name, shapes[name])
+    # The attention reads the key buffer where it lies: once ONNX Runtime has optimized the graph,
+    # no node copies a cache buffer (a Transpose or Mul of a key cache would, at every step).
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out / "decoder.onnx"), so, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
+    caches = set(decode_outputs(n_layers)[1:])
+    readers = sorted({n.op_type for n in optimized.graph.node if caches & set(n.input)})
+    assert readers == ["FusedMatMul", "MatMul"] or readers == ["FusedMatMul", "MatMul", "Shape"], readers
 
     ids, mask, pix = _batch(cfg, lengths=(7, 3), padding="right", seed=2)
     copying = MergedStepper(out, cfg)
