@@ -104,6 +104,27 @@ def test_broken_quantized_export_is_reported_inaccurate(bench, tmp_path):
     assert "NO: top-1 agreement" in (tmp_path / "r" / "report.md").read_text()
 
 
+def test_task_accuracy_gates_include_false_positives():
+    """With --data, an int8 backend that draws boxes for absent objects more often than fp32 (or
+    finds fewer present ones) misses the gates, and --compare flags a rising false-positive rate."""
+    from pgexport.bench.report import judge
+
+    ref = {"task_accuracy": {"exact_match": 0.97, "detect_iou": 0.9, "detect_recall": 0.98, "detect_fp_rate": 0.01}}
+    same_time = {"median": 0.01, "p10": 0.01, "p90": 0.01}
+    good = {"accuracy": {"top1_agreement": 0.999}, "task_accuracy": dict(ref["task_accuracy"]),
+            **{key: same_time for key in ("vision_s", "prefill_s", "decode_s")}}
+    assert judge("onnx-int8", good, ref) == []
+    bad = copy.deepcopy(good)
+    bad["task_accuracy"].update(detect_fp_rate=0.03, detect_recall=0.95)
+    issues = judge("onnx-int8", bad, ref)
+    assert len(issues) == 2 and any(i.startswith("detect_fp_rate 0.030") for i in issues), issues
+    assert any(i.startswith("detect_recall 0.950") for i in issues), issues
+    old, new = {"backends": {"onnx-int8": good}}, {"backends": {"onnx-int8": bad}}
+    _, regressions = compare_reports(old, new)
+    assert sorted(r.split(":")[0] for r in regressions) == ["onnx-int8 detect_fp_rate", "onnx-int8 detect_recall"]
+    assert not compare_reports(new, old)[1]  # fewer false positives is no regression
+
+
 @pytest.mark.slow
 def test_compare_flags_an_injected_slowdown(bench, tmp_path):
     old = json.loads((bench["base"] / "report" / "report.json").read_text())

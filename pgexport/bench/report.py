@@ -14,7 +14,8 @@ report.json, schema "pgexport-bench/1" (times in seconds, sizes in bytes):
         size_bytes,
         accuracy: {top1_agreement, mean_kl, max_kl, mean_cosine, min_cosine, positions,
                    greedy_match_rate}              # vs the fp32 PyTorch reference; absent without one
-        task_accuracy: {<task>: score, exact_match, detect_iou, examples, seconds}   # with --data
+        task_accuracy: {<task>: score, exact_match, detect_iou, detect_recall, detect_fp_rate,
+                        examples, seconds}  # with --data (pgexport.train.dataset.task_metrics)
         accurate: bool, accuracy_issues: [str]    # the gates of ACCURACY_GATES
         info: {...}}},
     recommendation: {backend, reason}
@@ -37,13 +38,15 @@ from pgexport.files import write_text_atomic
 
 SCHEMA = "pgexport-bench/1"
 # Accuracy gates against fp32 PyTorch (the project's quantization gates, README "Quantization"):
-# teacher-forced top-1 agreement, and task accuracy lost (points of exact match / detection IoU).
+# teacher-forced top-1 agreement, and task accuracy lost (points of exact match / detection IoU /
+# detection recall, or of false-positive rate gained on detect prompts for absent objects).
 ACCURACY_GATES = {
     "float": {"min_top1": 0.99, "max_task_drop": 0.005},
     "int8": {"min_top1": 0.99, "max_task_drop": 0.005},
     "int4": {"min_top1": 0.95, "max_task_drop": 0.02},
 }
 STATS_FIGURES = ("vision_s", "prefill_s", "decode_s")
+TASK_FIGURES = ("exact_match", "detect_iou", "detect_recall", "detect_fp_rate")  # of task_accuracy, in the tables
 PLOTS = ("latency.png", "accuracy_vs_size.png", "decode_vs_position.png")
 
 
@@ -62,9 +65,13 @@ def judge(name: str, r: dict, reference: dict | None) -> list[str]:
         issues.append(f"top-1 agreement {acc['top1_agreement']:.4f} < {g['min_top1']}")
     ta, ref_ta = r.get("task_accuracy"), (reference or {}).get("task_accuracy")
     if ta and ref_ta:
-        for key in ("exact_match", "detect_iou"):
+        for key in ("exact_match", "detect_iou", "detect_recall"):
             if ta.get(key) is not None and ref_ta.get(key) is not None and ref_ta[key] - ta[key] > g["max_task_drop"]:
                 issues.append(f"{key} {ta[key]:.3f} vs {ref_ta[key]:.3f} for fp32 (more than {g['max_task_drop'] * 100:g} points lost)")
+        fp, ref_fp = ta.get("detect_fp_rate"), ref_ta.get("detect_fp_rate")
+        if fp is not None and ref_fp is not None and fp - ref_fp > g["max_task_drop"]:
+            issues.append(f"detect_fp_rate {fp:.3f} vs {ref_fp:.3f} for fp32 (more than {g['max_task_drop'] * 100:g} "
+                          "points more boxes for absent objects)")
     return issues
 
 
@@ -114,12 +121,12 @@ def markdown(report: dict) -> str:
             f"{r['load_s']:.2f}", _mb(r["peak_rss_bytes"]), _mb(r["size_bytes"]),
             f"{acc['top1_agreement']:.3f}" if acc else "n/a", f"{acc['mean_kl']:.2e}" if acc else "n/a",
             f"{acc['greedy_match_rate']:.2f}" if acc else "n/a",
-            (f"{ta['exact_match']:.3f} / {ta['detect_iou']:.3f}" if ta.get("exact_match") is not None
-             and ta.get("detect_iou") is not None else "-"),
+            " / ".join("-" if ta.get(k) is None else f"{ta[k]:.3f}" for k in TASK_FIGURES) if ta else "-",
             "yes" if r.get("accurate") else "NO: " + "; ".join(r.get("accuracy_issues", [])),
         ])
     headers = ["backend", "vision ms", "prefill ms (TTFT)", "decode ms/token", "tokens/s", "load s",
-               "peak RSS MiB", "disk MiB", "top-1 vs fp32", "mean KL", "greedy match", "exact match / IoU", "within gates"]
+               "peak RSS MiB", "disk MiB", "top-1 vs fp32", "mean KL", "greedy match",
+               "exact match / IoU / recall / FP rate", "within gates"]
     if s["provider"] == "cuda":
         headers.insert(7, "peak GPU MiB")
         for row, r in zip(rows, report["backends"].values()):
@@ -234,8 +241,8 @@ def compare_reports(old: dict, new: dict, min_change: float = 0.02) -> tuple[lis
 
     A time figure regresses when its median grew by more than the measured spread (the larger
     p90 - p10 of the two runs) and by more than `min_change` (relative); memory and size when they
-    grew by more than `min_change`; accuracy when top-1 agreement, exact match or IoU fell by more
-    than half a point.
+    grew by more than `min_change`; accuracy when top-1 agreement, exact match, IoU or recall fell,
+    or the false-positive rate rose, by more than half a point.
     """
     rows, regressions = [], []
     for name in [n for n in new["backends"] if n in old["backends"]]:
@@ -259,11 +266,11 @@ def compare_reports(old: dict, new: dict, min_change: float = 0.02) -> tuple[lis
                 if bad:
                     regressions.append(f"{name} {label}: {a:.4g} -> {b:.4g} (+{(b - a) / a * 100:.1f}%)")
         acc_pairs = [("top1_agreement", (o.get("accuracy") or {}), (n.get("accuracy") or {}))]
-        acc_pairs += [(k, (o.get("task_accuracy") or {}), (n.get("task_accuracy") or {})) for k in ("exact_match", "detect_iou")]
+        acc_pairs += [(k, (o.get("task_accuracy") or {}), (n.get("task_accuracy") or {})) for k in TASK_FIGURES]
         for key, a_d, b_d in acc_pairs:
             a, b = a_d.get(key), b_d.get(key)
             if a is not None and b is not None:
-                bad = a - b > 0.005
+                bad = (b - a if key == "detect_fp_rate" else a - b) > 0.005  # the FP rate is better lower
                 rows.append([name, key, f"{a:.4f}", f"{b:.4f}", f"{(b - a) * 100:+.2f} pts", "-", "REGRESSION" if bad else ""])
                 if bad:
                     regressions.append(f"{name} {key}: {a:.4f} -> {b:.4f}")
