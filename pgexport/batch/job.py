@@ -38,9 +38,13 @@ class _Sink:
         self.buffer: list[dict] = []
         self.errors = 0
         self.seconds: list[float] = []
-        self.flushed = time.monotonic()
+        self.flushed = self.started = time.monotonic()
+        self.first_rows: float | None = None  # seconds from the start to the first rows (start-up cost)
+        self.first_count = 0
 
     def __call__(self, rows: list[dict]) -> None:
+        if self.first_rows is None:
+            self.first_rows, self.first_count = time.monotonic() - self.started, len(rows)
         self.buffer.extend(rows)
         errors = sum(r["error"] is not None for r in rows)
         self.errors += errors
@@ -99,7 +103,8 @@ def run_batch(model: str | os.PathLike | None, input: str | os.PathLike, out: st
         chunk_rows: rows per part file (what a killed job keeps).
         progress: receives status lines; bar: a progress bar on stderr when it is a terminal.
 
-    Returns a summary: rows, processed, skipped (already done), errors, seconds, images_per_second.
+    Returns a summary: rows, processed, skipped (already done), errors, seconds, images_per_second,
+    latencies (each processed row's `seconds`), first_rows_seconds (start-up: until the first `first_rows` rows came back).
     """
     if engine not in ENGINES:
         raise PgExportError(f"unknown engine {engine!r}; use one of: {', '.join(ENGINES)}")
@@ -144,4 +149,5 @@ def run_batch(model: str | os.PathLike | None, input: str | os.PathLike, out: st
     rows = writer.finish({item.key: item.index for item in items})
     return {"out": str(out), "export": str(export_dir), "rows": rows, "processed": len(pending),
             "skipped": len(items) - len(pending), "errors": sink.errors, "seconds": seconds,
-            "images_per_second": len(pending) / seconds if seconds > 0 else 0.0, "latencies": sink.seconds}
+            "images_per_second": len(pending) / seconds if seconds > 0 else 0.0, "latencies": sink.seconds,
+            "first_rows_seconds": sink.first_rows, "first_rows": sink.first_count}
