@@ -1,0 +1,49 @@
+// Run a pgexport ONNX folder with onnxruntime-node and @huggingface/tokenizers only: the Node
+// counterpart of examples/onnx_app.py, driven by the folder's pgexport.json.
+//
+//   node paligemma.mjs EXPORT_DIR IMAGE.png ["caption en"] [--max-new-tokens N] [--json]
+//
+// The text streams to stdout as the tokens arrive; --json prints {ids, text, detections} instead.
+
+import { readFile } from "node:fs/promises";
+import path from "node:path";
+import { parseArgs } from "node:util";
+
+import { Tokenizer } from "@huggingface/tokenizers";
+import * as ort from "onnxruntime-node";
+
+import { PaliGemma, parseDetections, preprocess } from "../web/pgexport.mjs";
+import { decodePng } from "./png.mjs";
+
+const { values: options, positionals } = parseArgs({
+  allowPositionals: true,
+  options: { "max-new-tokens": { type: "string", default: "32" }, json: { type: "boolean", default: false } },
+});
+const [folder, imagePath, prompt = "caption en"] = positionals;
+if (!folder || !imagePath) {
+  console.error("usage: node paligemma.mjs EXPORT_DIR IMAGE.png [PROMPT] [--max-new-tokens N] [--json]");
+  process.exit(2);
+}
+const maxNewTokens = Number(options["max-new-tokens"]);
+
+const model = await PaliGemma.load({
+  ort,
+  Tokenizer,
+  readJson: async (file) => JSON.parse(await readFile(path.join(folder, file), "utf8")),
+  // From a path, ONNX Runtime finds the graph's external data next to it.
+  createSession: (file) => ort.InferenceSession.create(path.join(folder, file), { logSeverityLevel: 3 }),
+});
+const image = decodePng(await readFile(imagePath));
+const pixels = preprocess(image, model.manifest);
+
+if (options.json) {
+  const ids = [];
+  for await (const id of model.generateIds(pixels, prompt, maxNewTokens)) ids.push(id);
+  const text = model.tokenizer.decode(ids, { skip_special_tokens: true });
+  const detections = parseDetections(text, image.width, image.height);
+  console.log(JSON.stringify({ ids, text, detections }));
+} else {
+  for await (const piece of model.generate(pixels, prompt, maxNewTokens)) process.stdout.write(piece);
+  process.stdout.write("\n");
+}
+await model.release();
