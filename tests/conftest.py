@@ -19,6 +19,7 @@ quantization) can also import the plain functions: `from conftest import build_h
 
 from __future__ import annotations
 
+import fcntl
 import os
 
 import json
@@ -30,6 +31,7 @@ from typing import Callable
 import pytest
 import torch
 
+from pgexport.api import export
 from pgexport.models import PaliGemmaConfig
 from pgexport.models.checkpoint import load_checkpoint
 
@@ -261,6 +263,20 @@ def hf_model_pair(checkpoints):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def demo_export(tmp_path_factory) -> Path:
+    """The built-in demo model exported (fp32, not validated) once per test run; pytest-xdist
+    workers share it: the first to take the lock exports, the others wait and reuse it."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # this run's folder
+    out = shared / "demo-export"
+    with open(shared / "demo-export.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "pgexport.json").is_file():
+            export(None, out, validate=False)
+    return out
 
 
 @pytest.fixture(autouse=True, scope="session")
