@@ -6,8 +6,14 @@ Every command turns bad input into one line on stderr and exit code 1 (2 for usa
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+import signal
 import sys
+import tempfile
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import click
@@ -16,7 +22,8 @@ from PIL import Image
 from pgexport.bench.report import compare_files
 from pgexport.bench.run import parse_backends, run_bench
 from pgexport.batch.job import ENGINES, run_batch
-from pgexport.bundled import SAMPLE_IMAGE, default_model
+from pgexport.batch.model import resolve_export
+from pgexport.bundled import DEMO_DIR, SAMPLE_IMAGE, default_model
 from pgexport.errors import PgExportError
 from pgexport.processing.detection import draw_detections, parse_detections
 from pgexport.processing.image import load_image
@@ -567,6 +574,62 @@ def bench_command(model_spec, backends, provider, threads, images, new_tokens, r
                        plots=not no_plots, progress=lambda m: click.echo(m, err=True))
     rec = report["recommendation"]
     click.echo(f"recommended: {rec['backend'] or 'none'} ({rec['reason']}); report in {Path(out) / 'report.md'}")
+
+
+# ----------------------------------------------------------------------------- demo-web
+WEB_DIR = Path(__file__).resolve().parents[1] / "examples" / "web"  # a source checkout's page
+WEB_FILES = ("index.html", "app.mjs", "pgexport.mjs", "node_modules")
+
+
+class _IsolatedHandler(SimpleHTTPRequestHandler):
+    """Static files, with the headers that let the page's WebAssembly use threads."""
+
+    def end_headers(self):
+        self.send_header("Cross-Origin-Opener-Policy", "same-origin")
+        self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
+        super().end_headers()
+
+    def log_message(self, *args):  # one line per file fetched is noise here
+        pass
+
+
+@main.command("demo-web", cls=_OneLineUsage)
+@click.option("--model", "model_spec", default=None,
+              help="Export folder, checkpoint folder or preset (default: the built-in model; non-exports are "
+                   "exported once into ~/.cache/pgexport).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port on 127.0.0.1 (0: any free one).")
+def demo_web(model_spec, port):
+    """Serve the in-browser demo on localhost: the model runs in the page (onnxruntime-web).
+
+    Pick a sample or your own image, choose caption / question / detect, and the answer streams
+    in; detected boxes are drawn on the image. Needs the page's npm packages
+    (`npm ci --prefix examples/web`, in a source checkout). Ctrl-C stops the server.
+
+    \b
+    Example:
+      pgexport demo-web                      # then open http://127.0.0.1:8000/
+      pgexport demo-web --model exports/demo --port 8080
+    """
+    export_dir = resolve_export(model_spec, progress=_progress)
+    if not (WEB_DIR / "node_modules" / "onnxruntime-web").is_dir():
+        raise PgExportError(f"{WEB_DIR / 'node_modules'} has no onnxruntime-web; run: npm ci --prefix {WEB_DIR}")
+    site = Path(tempfile.mkdtemp(prefix="pgexport-web-"))  # the page's layout, as links
+    try:
+        for name in WEB_FILES:
+            (site / name).symlink_to(WEB_DIR / name)
+        (site / "model").symlink_to(Path(export_dir).resolve())
+        (site / "samples").symlink_to(DEMO_DIR / "samples")
+        (site / "samples.json").write_text(json.dumps(sorted(p.name for p in (DEMO_DIR / "samples").glob("*.png"))))
+        try:
+            server = ThreadingHTTPServer(("127.0.0.1", port), partial(_IsolatedHandler, directory=str(site)))
+        except OSError as e:
+            raise PgExportError(f"cannot listen on 127.0.0.1:{port} ({e.strerror}); pass a free --port") from None
+        click.echo(f"serving http://127.0.0.1:{server.server_port}/ (model {export_dir}); Ctrl-C stops")
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a plain `kill` also removes the folder
+        with server:
+            server.serve_forever()
+    finally:
+        shutil.rmtree(site)
 
 
 if __name__ == "__main__":
