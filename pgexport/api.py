@@ -25,10 +25,12 @@ from pgexport.eager.generate import generate_stream, generate_text
 from pgexport.eager.quanto import is_quantized_folder, quantize_checkpoint
 from pgexport.errors import PgExportError
 from pgexport.exporters.pipeline import export_folder
+from pgexport.exporters.transformersjs import export_transformersjs
 
 __all__ = ["SAMPLE_IMAGE", "sample_image", "default_model", "load_model", "load_processor", "init_checkpoint",
            "generate", "generate_stream", "export", "quantize"]
 
+LAYOUTS = ("pgexport", "transformers.js")
 init_checkpoint = loading.init_checkpoint
 # Text for each (image, prompt) pair with the eager model: generate(model, processor, images, prompts, max_new_tokens=32)
 generate = generate_text
@@ -68,15 +70,23 @@ def resolve(spec: str | os.PathLike | None) -> tuple[Any, Any, dict]:
     return loading.load_model(spec), processor, {"model": spec, "kind": "preset"}
 
 
-def export(path_or_preset: str | os.PathLike | None, out_dir: str | os.PathLike, quant: str = "fp32", **options) -> dict:
+def export(path_or_preset: str | os.PathLike | None, out_dir: str | os.PathLike, quant: str = "fp32",
+           layout: str = "pgexport", **options) -> dict:
     """`pgexport onnx`: export a folder, preset or the built-in model to an ONNX folder.
 
-    `options` are `pgexport.exporters.pipeline.export_folder`'s (opset, validate, overwrite,
-    quant_options, threads, progress, ...).
+    `layout`: "pgexport" (the three graphs + manifest; `options` are
+    `pgexport.exporters.pipeline.export_folder`'s: opset, validate, overwrite, quant_options,
+    threads, progress, ...) or "transformers.js" (the folder `@huggingface/transformers` loads;
+    `options` are `pgexport.exporters.transformersjs.export_transformersjs`'s).
 
     >>> export("paligemma-tiny", "exports/tiny", quant="int8")  # doctest: +SKIP
+    >>> export(None, "exports/demo-web", quant="int4", layout="transformers.js")  # doctest: +SKIP
     """
+    if layout not in LAYOUTS:
+        raise PgExportError(f"unknown layout {layout!r}; choose {' or '.join(LAYOUTS)}")
     model, processor, source = resolve(path_or_preset)
+    if layout == "transformers.js":
+        return export_transformersjs(model, out_dir, processor, quants=(quant,), source=source, **options)
     return export_folder(model, out_dir, quant=quant, processor=processor, source=source, **options)
 
 

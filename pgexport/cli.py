@@ -251,8 +251,11 @@ def _progress(message: str) -> None:
 @click.option("--opset", type=click.IntRange(min=18), default=None, help="ONNX opset (default: the exporter's, 20).")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check (export_report.json).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (only once the new one is complete).")
+@click.option("--layout", type=click.Choice(["pgexport", "transformers.js"]), default="pgexport", show_default=True,
+              help="pgexport: the graphs + pgexport.json this toolkit's runtime reads; transformers.js: the folder "
+                   "@huggingface/transformers loads (docs/transformersjs.md).")
 def onnx_command(model_spec, out, quant, block_size, symmetric, accuracy_level, int8_format, head_bits, target, opset,
-                 no_validate, overwrite):
+                 no_validate, overwrite, layout):
     """Export to a self-contained ONNX folder (three graphs, manifest, tokenizer).
 
     Writes OUT/pgexport.json, vision_encoder.onnx, prefill.onnx, decode.onnx with their .data
@@ -270,6 +273,7 @@ def onnx_command(model_spec, out, quant, block_size, symmetric, accuracy_level, 
       pgexport onnx --model paligemma-3b-pt-224 --out exports/pg-224
       pgexport onnx --model my-finetuned --out exports/ft --quant fp16 --no-validate
       pgexport onnx --model paligemma-3b-pt-224 --out exports/pg-int4 --quant int4 --block-size 32
+      pgexport onnx --layout transformers.js --quant int4 --out exports/demo-web
     """
     from pgexport.api import export
     from pgexport.exporters.pipeline import INT_QUANTS, REPORT_FILE
@@ -286,9 +290,15 @@ def onnx_command(model_spec, out, quant, block_size, symmetric, accuracy_level, 
     quant_options = {k: v for k, v in options.items() if v is not None}
     if quant in INT_QUANTS:
         quant_options["target"] = target
-    result = export(model_spec, out, quant=quant, opset=opset, validate=not no_validate,
+    result = export(model_spec, out, quant=quant, opset=opset, validate=not no_validate, layout=layout,
                     progress=_progress, overwrite=overwrite, quant_options=quant_options or None)
     click.echo(f"wrote {out} ({result['total_bytes'] / 2**20:.1f} MiB, {quant})")
+    if layout == "transformers.js":
+        for report in result["reports"].values():
+            click.echo(f"validation passed: max logit difference {report['logits_max_abs_diff']:.2e}, teacher-forced "
+                       f"top-1 agreement {report['quality']['top1_agreement']:.1%}, greedy agreement "
+                       f"{report['greedy_agreement']:.0%} ({Path(out) / 'export_report.json'})")
+        return
     q = result.get("quantization")
     if q:
         click.echo(f"quantized: {q['bytes_after'] / 2**20:.1f} MiB of graphs and weights, "
