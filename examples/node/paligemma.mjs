@@ -26,24 +26,29 @@ if (!folder || !imagePath) {
 }
 const maxNewTokens = Number(options["max-new-tokens"]);
 
-const model = await PaliGemma.load({
-  ort,
-  Tokenizer,
-  readJson: async (file) => JSON.parse(await readFile(path.join(folder, file), "utf8")),
-  // From a path, ONNX Runtime finds the graph's external data next to it.
-  createSession: (file) => ort.InferenceSession.create(path.join(folder, file), { logSeverityLevel: 3 }),
-});
-const image = decodePng(await readFile(imagePath));
-const pixels = preprocess(image, model.manifest);
-
-if (options.json) {
-  const ids = [];
-  for await (const id of model.generateIds(pixels, prompt, maxNewTokens)) ids.push(id);
-  const text = model.tokenizer.decode(ids, { skip_special_tokens: true });
-  const detections = parseDetections(text, image.width, image.height);
-  console.log(JSON.stringify({ ids, text, detections }));
-} else {
-  for await (const piece of model.generate(pixels, prompt, maxNewTokens)) process.stdout.write(piece);
-  process.stdout.write("\n");
+async function main() {
+  const model = await PaliGemma.load({
+    ort,
+    Tokenizer,
+    readJson: async (file) => JSON.parse(await readFile(path.join(folder, file), "utf8")),
+    // From a path, ONNX Runtime finds the graph's external data next to it.
+    createSession: (file) => ort.InferenceSession.create(path.join(folder, file), { logSeverityLevel: 3 }),
+  });
+  const image = decodePng(await readFile(imagePath));
+  const pixels = preprocess(image, model.manifest);
+  if (options.json) {
+    const ids = [];
+    for await (const id of model.generateIds(pixels, prompt, maxNewTokens)) ids.push(id);
+    const text = model.tokenizer.decode(ids, { skip_special_tokens: true });
+    console.log(JSON.stringify({ ids, text, detections: parseDetections(text, image.width, image.height) }));
+  } else {
+    for await (const piece of model.generate(pixels, prompt, maxNewTokens)) process.stdout.write(piece);
+    process.stdout.write("\n");
+  }
+  await model.release();
 }
-await model.release();
+
+main().catch((error) => {
+  console.error(`error: ${error.message}`);
+  process.exit(1);
+});

@@ -52,17 +52,23 @@ function prompt() {
   return "caption en";
 }
 
-// The image, then each detected object's box and label (one colour per label).
+// The image, then each detected object's box and label (one colour per label); boxes in the
+// image's pixels, listed under the answer as `pgexport generate` prints them.
 function draw(detections = []) {
   const canvas = $("image");
   const ctx = canvas.getContext("2d");
+  const [sx, sy] = current ? [canvas.width / current.rgba.width, canvas.height / current.rgba.height] : [1, 1];
+  $("objects").replaceChildren(...detections.map(({ label, box }) => Object.assign(document.createElement("li"), {
+    textContent: `${label || "(no label)"}: ${["x0", "y0", "x1", "y1"].map((k, i) => `${k}=${Math.round(box[i])}`).join(" ")}`,
+  })));
   ctx.clearRect(0, 0, canvas.width, canvas.height);
   if (current) ctx.drawImage(current.bitmap, 0, 0, canvas.width, canvas.height);
   const colours = new Map();
   ctx.lineWidth = Math.max(2, Math.floor(Math.min(canvas.width, canvas.height) / 150));
   ctx.font = "13px sans-serif";
   ctx.textBaseline = "top";
-  for (const { label, box: [x0, y0, x1, y1] } of detections) {
+  for (const { label, box } of detections) {
+    const [x0, y0, x1, y1] = box.map((v, i) => v * (i % 2 ? sy : sx));
     if (!colours.has(label)) colours.set(label, PALETTE[colours.size % PALETTE.length]);
     ctx.strokeStyle = ctx.fillStyle = colours.get(label);
     ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
@@ -76,9 +82,13 @@ function draw(detections = []) {
   canvas.dataset.boxes = String(detections.length);
 }
 
+// `blob` may be a promise; until the image is in, Run waits (an answer is never left next to
+// another image).
 async function setImage(blob, name, button = null) {
+  delete $("image").dataset.image;
+  $("run").disabled = true;
   // No colour management: the pixels are the file's, as Pillow reads them.
-  const bitmap = await createImageBitmap(blob, { colorSpaceConversion: "none", premultiplyAlpha: "none" });
+  const bitmap = await createImageBitmap(await blob, { colorSpaceConversion: "none", premultiplyAlpha: "none" });
   const full = new OffscreenCanvas(bitmap.width, bitmap.height).getContext("2d");
   full.drawImage(bitmap, 0, 0);
   const { data } = full.getImageData(0, 0, bitmap.width, bitmap.height);
@@ -88,6 +98,7 @@ async function setImage(blob, name, button = null) {
   document.querySelectorAll("#samples button").forEach((b) => b.classList.toggle("selected", b === button));
   $("answer").textContent = "";
   $("image").dataset.image = name;
+  $("run").disabled = !model;
   draw();
 }
 
@@ -106,7 +117,7 @@ async function run() {
     for await (const piece of model.generate(pixels, text, MAX_NEW_TOKENS)) {
       answer += piece;
       $("answer").textContent = answer;
-      draw(parseDetections(answer, $("image").width, $("image").height));
+      draw(parseDetections(answer, current.rgba.width, current.rgba.height));
       await new Promise((resolve) => setTimeout(resolve, 0)); // let the page paint the new text
     }
     setStatus("done", `done in ${Math.round(performance.now() - start)} ms`);
@@ -124,7 +135,7 @@ async function main() {
     button.dataset.sample = name;
     button.title = name;
     button.innerHTML = `<img src="samples/${encodeURIComponent(name)}" alt="${name}">`;
-    button.onclick = async () => setImage(await (await fetchOk(`samples/${encodeURIComponent(name)}`)).blob(), name, button);
+    button.onclick = () => setImage(fetchOk(`samples/${encodeURIComponent(name)}`).then((r) => r.blob()), name, button);
     $("samples").append(button);
   }
   $("file").onchange = (event) => event.target.files[0] && setImage(event.target.files[0], event.target.files[0].name);

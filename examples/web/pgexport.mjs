@@ -211,6 +211,7 @@ export class PaliGemma {
   /** <image> x N, <bos>, the prompt and "\n" (tokenized without added special tokens). */
   promptIds(prompt) {
     const m = this.manifest;
+    if (prompt.includes("<image>")) throw new Error("the prompt contains <image>; pass the text only, the image tokens are added");
     const text = this.tokenizer.encode(`${prompt}\n`, { add_special_tokens: false }).ids;
     return [...Array(m.num_image_tokens).fill(m.image_token_id), m.bos_token_id, ...text];
   }
