@@ -2,7 +2,7 @@
 
     >>> items = discover("photos/", prompt="caption en")            # doctest: +SKIP
     >>> items[0]                                                     # doctest: +SKIP
-    Item(index=0, id='a.jpg', prompt='caption en', path='photos/a.jpg', data=None)
+    Item(index=0, id='a.jpg', prompt='caption en', path='/home/me/photos/a.jpg', data=None)
 
 * a folder: every image file under it (recursively, sorted), `id` relative to the folder;
 * a glob (`"shots/**/*.png"`): the matching files, sorted, `id` as matched;
@@ -37,7 +37,7 @@ class Item:
     index: int
     id: str
     prompt: str
-    path: str | None = None  # the image file, or None when `data` holds its bytes
+    path: str | None = None  # the image file, absolute (Ray workers may run elsewhere); None: `data` holds it
     data: bytes | None = None
 
     @property
@@ -62,7 +62,7 @@ def discover(source: str | os.PathLike, prompt: str | None = "caption en", promp
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
             raise PgExportError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {text}; check --input")
-        items = [Item(i, f.relative_to(path).as_posix(), prompt, str(f)) for i, f in enumerate(files)]
+        items = [Item(i, f.relative_to(path).as_posix(), prompt, str(f.absolute())) for i, f in enumerate(files)]
     elif path.suffix.lower() == ".jsonl" and not glob.has_magic(text):
         items = _from_records(_jsonl_records(path), path, prompt, prompt_column, image_column)
     elif path.suffix.lower() == ".parquet" and not glob.has_magic(text):
@@ -75,7 +75,7 @@ def discover(source: str | os.PathLike, prompt: str | None = "caption en", promp
         files = sorted(f for f in glob.glob(text, recursive=True) if Path(f).is_file())
         if not files:
             raise PgExportError(f"no file matches {text}; check the pattern (quote it so the shell does not expand it)")
-        items = [Item(i, Path(f).as_posix(), prompt, f) for i, f in enumerate(files)]
+        items = [Item(i, Path(f).as_posix(), prompt, str(Path(f).absolute())) for i, f in enumerate(files)]
     elif path.is_file():
         raise PgExportError(f"--input {text}: use a folder of images, a glob, a .jsonl or a .parquet file")
     else:
@@ -139,7 +139,7 @@ def _from_records(records: list[tuple[str, dict]], path: Path, prompt: str | Non
             items.append(Item(index, ident, text, None, image))
         else:
             file = Path(image) if Path(image).is_absolute() else path.parent / image
-            items.append(Item(index, str(row.get("id", image)), text, str(file)))
+            items.append(Item(index, str(row.get("id", image)), text, str(file.absolute())))
     return items
 
 

@@ -27,7 +27,7 @@ class ProgressBar:
         self.done += n
         self.errors += errors
         now = time.perf_counter()
-        if self.stream is not None and (now - self._drawn >= 0.1 or self.done >= self.total):
+        if self.stream is not None and now - self._drawn >= 0.1 and self.done < self.total:  # close() draws the end
             self._drawn = now
             self.stream.write("\r" + self.line(now))
             self.stream.flush()

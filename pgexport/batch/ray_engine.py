@@ -69,7 +69,8 @@ def run_ray(export_dir: str, items: list[Item], on_rows: Callable[[list[dict]], 
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # its INFO lines would break our bar
         records = [{"item": json.dumps({k: v for k, v in asdict(item).items() if k != "data"}),
                     "data": item.data or b""} for item in items]
-        blocks = max(1, min(math.ceil(len(items) / batch_size), 1000))
+        # at least one block per actor (else the others idle), at most one per batch
+        blocks = min(len(items), max(workers, min(math.ceil(len(items) / batch_size), 1000)))
         dataset = ray.data.from_items(records, override_num_blocks=blocks).map_batches(
             RayPredictor, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=threads or 1, num_gpus=1 if provider == "cuda" else 0,

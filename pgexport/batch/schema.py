@@ -3,7 +3,7 @@
 | column | type | |
 |---|---|---|
 | `id` | string | the image's id: its path relative to the input folder, as matched by the glob, or the `id` column |
-| `image` | string or null | the image file (null when the input held the bytes) |
+| `image` | string or null | the image file's absolute path (null when the input held the bytes) |
 | `prompt` | string | |
 | `text` | string or null | the generated text (null on error) |
 | `boxes` | list of {label, x0, y0, x1, y1} or null | `detect ...` prompts: pixel boxes in the original image; null for other prompts |
