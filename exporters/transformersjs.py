@@ -299,7 +299,8 @@ def _quantize_copy(folder: Path, quant: str, options: QuantOptions, say) -> None
                         entry.value = Path(data_file(session, quant)).name
             onnx.save(proto, str(scratch / Path(onnx_file(session, quant)).name))
             shutil.copyfile(folder / data_file(session, "fp32"), scratch / Path(data_file(session, quant)).name)
-        quantize_folder(scratch, options, progress=say)
+        say(f"quantizing the {quant} graphs (block {options.block_size})")
+        quantize_folder(scratch, options)  # its size summary counts `.onnx.data` files, not these
         for path in scratch.iterdir():
             os.replace(path, folder / ONNX_DIR / path.name)
     finally:
