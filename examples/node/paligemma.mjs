@@ -15,16 +15,25 @@ import * as ort from "onnxruntime-node";
 import { PaliGemma, parseDetections, preprocess } from "../web/pgexport.mjs";
 import { decodePng } from "./png.mjs";
 
-const { values: options, positionals } = parseArgs({
-  allowPositionals: true,
-  options: { "max-new-tokens": { type: "string", default: "32" }, json: { type: "boolean", default: false } },
-});
-const [folder, imagePath, prompt = "caption en"] = positionals;
-if (!folder || !imagePath) {
-  console.error("usage: node paligemma.mjs EXPORT_DIR IMAGE.png [PROMPT] [--max-new-tokens N] [--json]");
+const USAGE = "usage: node paligemma.mjs EXPORT_DIR IMAGE.png [PROMPT] [--max-new-tokens N] [--json]";
+function usage(message) {
+  console.error(message ? `error: ${message}\n${USAGE}` : USAGE);
   process.exit(2);
 }
+
+let options, positionals;
+try {
+  ({ values: options, positionals } = parseArgs({
+    allowPositionals: true,
+    options: { "max-new-tokens": { type: "string", default: "32" }, json: { type: "boolean", default: false } },
+  }));
+} catch (error) {
+  usage(error.message);
+}
+const [folder, imagePath, prompt = "caption en"] = positionals;
+if (!folder || !imagePath) usage();
 const maxNewTokens = Number(options["max-new-tokens"]);
+if (!Number.isInteger(maxNewTokens) || maxNewTokens < 1) usage(`--max-new-tokens ${options["max-new-tokens"]} is not a positive integer`);
 
 async function main() {
   const model = await PaliGemma.load({
