@@ -126,7 +126,9 @@ def bench_inputs(images: int, records: list | None, work: Path) -> list[dict]:
         scene = random_scene(rng)
         render(scene).save(path)
         # a caption, a question or a detection prompt in turn, each one that fits the scene
-        tasks = {task: prefix for task, prefix, _ in scene_tasks(scene, rng)}
+        tasks = {}
+        for task, prefix, _ in scene_tasks(scene, rng):
+            tasks.setdefault(task, prefix)  # the first detect prompt: a shape the scene holds
         kind = DEFAULT_TASKS[i % len(DEFAULT_TASKS)]
         out.append({"image": str(path), "prompt": tasks.get(kind, tasks["caption"])})
     return out
