@@ -10,8 +10,9 @@ the number of exact-match answers, so one flipped answer moves exact match by 10
 points):
 
 * task accuracy with greedy decoding through ONNX Runtime (`OnnxPaliGemma.generate`), scored as
-  `pgexport.train.finetune.evaluate` scores the eager model: exact match per question / caption
-  task, mean IoU for `detect`;
+  `pgexport.train.finetune.evaluate` scores the eager model (`pgexport.train.dataset.task_metrics`):
+  exact match per question / caption task, mean IoU and recall for `detect` prompts of present
+  shapes, and the false-positive rate of `detect` prompts for absent shapes (answers with a box);
 * teacher-forced agreement with the eager fp32 model on the gold answers: the prompt, then every
   answer token fed to both (eos included), top-1 agreement of the next-token logits, mean
   KL(fp32 || quantized) and cosine, over all answer positions;
@@ -89,7 +90,8 @@ def main(argv=None) -> int:
         records = read_jsonl(work / "data" / "test.jsonl")
         summary["examples"] = len(records)
         summary["answers"] = sum(r.task != "detect" for r in records)  # exact-match examples
-        summary["boxes"] = len(records) - summary["answers"]
+        summary["absent"] = sum(r.task == "detect" and not r.suffix for r in records)  # detect prompts, no such shape
+        summary["boxes"] = len(records) - summary["answers"] - summary["absent"]  # detect prompts, shape present
         model = pgexport.load_model(str(model_dir), dtype="float32")
         processor = pgexport.load_processor(str(model_dir))
         reference = eager_reference(model, processor, records, summary)
@@ -158,6 +160,7 @@ def evaluate_variant(folder: Path, model, processor, records, reference: list, b
 def print_variant(name: str, entry: dict) -> None:
     task, quality, report = entry["task"], entry["teacher_forced"], entry["sample_report"]
     print(f"{name:11s} ratio {entry['size_ratio']:.3f} exact {task['exact_match']:.4f} iou {task['detect_iou']:.4f} "
+          f"recall {task['detect_recall']:.4f} FP rate {task['detect_fp_rate']:.4f} "
           f"| TF top1 {quality['top1_agreement']:.4f} KL {quality['mean_kl']:.2e} cos {quality['mean_cosine']:.5f} "
           f"({quality['positions']} positions) | sample passed {report['passed']} "
           f"top1 {report['quality']['top1_agreement']:.3f} KL {report['quality']['mean_kl']:.2e}", flush=True)
@@ -180,17 +183,24 @@ def disagreements(reference, got, active, processor) -> dict:
             "loc_bins_max": max(distances) if distances else None}
 
 
+def fmt(task: dict, key: str) -> str:
+    return "-" if task.get(key) is None else f"{task[key]:.4f}"
+
+
 def markdown(summary: dict) -> str:
     """The Markdown table of `summary`: one row per variant, losses against eager fp32 in points."""
     eager = summary["eager_fp32"]["task"]
     answers = summary.get("answers")
     lines = [f"Demo-model quantization accuracy: {summary['model']}, test seed {summary['test_seed']}, "
              f"{summary['images']} images / {summary.get('examples', '?')} examples ({answers or '?'} exact-match "
-             f"answers, {summary.get('boxes', '?')} boxes). Eager fp32: exact match "
-             f"{eager['exact_match']:.4f}, detection IoU {eager['detect_iou']:.4f}.", "",
+             f"answers, {summary.get('boxes', '?')} detect prompts for present shapes, {summary.get('absent', '?')} "
+             f"for absent ones). Eager fp32: exact match {eager['exact_match']:.4f}, detection IoU "
+             f"{eager['detect_iou']:.4f}, recall {fmt(eager, 'detect_recall')}, false-positive rate "
+             f"{fmt(eager, 'detect_fp_rate')}.", "",
              "| variant | size vs fp32 export | exact match | loss (points; net answers) | detection IoU | loss (points) "
-             "| TF top-1 | top-1 misses (of which <loc>: median / max bins apart) | mean KL | cosine |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| recall | FP rate (absent shapes) | TF top-1 | top-1 misses (of which <loc>: median / max bins apart) "
+             "| mean KL | cosine |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in summary["variants"].items():
         t, q = v["task"], v["teacher_forced"]
         d = q["disagreements"]
@@ -198,7 +208,8 @@ def markdown(summary: dict) -> str:
         net = f"; {round(lost * answers):+d}" if answers else ""
         lines.append(f"| {name} | {v['size_ratio']:.3f} | {t['exact_match']:.4f} | {100 * lost:+.2f}{net} | "
                      f"{t['detect_iou']:.4f} | "
-                     f"{100 * (eager['detect_iou'] - t['detect_iou']):+.2f} | {q['top1_agreement']:.4f} | "
+                     f"{100 * (eager['detect_iou'] - t['detect_iou']):+.2f} | {fmt(t, 'detect_recall')} | "
+                     f"{fmt(t, 'detect_fp_rate')} | {q['top1_agreement']:.4f} | "
                      f"{d['count']} ({d['loc_tokens']}: {d['loc_bins_median']} / {d['loc_bins_max']}) | "
                      f"{q['mean_kl']:.2e} | {q['mean_cosine']:.5f} |")
     by_batch = {n: v["task_by_batch_size"] for n, v in summary["variants"].items() if len(v.get("task_by_batch_size", {})) > 1}
