@@ -201,9 +201,10 @@ export class PaliGemma {
   constructor(ort, manifest, tokenizer, vision, steps) {
     Object.assign(this, { ort, manifest, tokenizer, vision, ...steps });
     const m = manifest;
-    this.pastNames = [];
-    for (let i = 0; i < m.num_layers; i++) this.pastNames.push(`past_key_values.${i}.key`, `past_key_values.${i}.value`);
-    this.presentNames = this.pastNames.map((n) => n.replace("past_key_values", "present"));
+    const names = (template) => Array.from({ length: m.num_layers }, (_, i) => ["key", "value"].map(
+      (kv) => template.replace("{i}", i).replace("{kv}", kv))).flat(); // layer 0 key, layer 0 value, ...
+    this.pastNames = names(m.kv_cache?.past ?? "past_key_values.{i}.{kv}");
+    this.presentNames = names(m.kv_cache?.present ?? "present.{i}.{kv}");
     const graph = this.decoder ?? this.decode;
     this.cacheType = graph.inputMetadata.find((v) => v.name === this.pastNames[0]).type; // float32 or float16
   }
