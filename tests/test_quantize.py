@@ -499,7 +499,10 @@ def test_failed_quantization_leaves_the_folder_as_it_was(fp32_export, tmp_path, 
 # of pgexport/train/evaluate.py (DEMO_EVAL_*; why 500: there). The int8 default lost 0.52 points of
 # exact match on the first 100 images alone (2 of 385 answers), 0.21 on the 500 (4 of 1941) and
 # 0.17 on 2000 (benchmarks/results/quant_demo.md, quant_demo_2000.md).
+# Detection is also gated on recall (lost, like IoU) and on the false-positive rate of detect
+# prompts for absent shapes (gained, and at most DEMO_MAX_FP_RATE outright).
 DEMO_GATES = {"int8": {"max_loss": 0.005, "min_top1": 0.99}, "int4": {"max_loss": 0.02, "min_top1": 0.95}}
+DEMO_MAX_FP_RATE = 0.02
 
 
 @pytest.fixture(scope="module")
@@ -537,10 +540,15 @@ def test_demo_model_accuracy_gates(demo, quant, tmp_path, record_diff):
     gates = DEMO_GATES[quant]
     record_diff(f"demo {quant} 1 - TF top1", 1 - tf["top1_agreement"])
     assert tf["top1_agreement"] >= gates["min_top1"], tf
-    for metric in ("exact_match", "detect_iou"):
+    for metric in ("exact_match", "detect_iou", "detect_recall"):
         loss = eager[metric] - got[metric]
         record_diff(f"demo {quant} {metric} loss", loss)
         assert loss <= gates["max_loss"], (metric, eager, got)
+    record_diff(f"demo {quant} detect_fp_rate gain", got["detect_fp_rate"] - eager["detect_fp_rate"])
+    assert got["detect_fp_rate"] - eager["detect_fp_rate"] <= gates["max_loss"], (eager, got)
+    if "detect_fp_rate" in json.loads((demo_dir / "training.json").read_text())["test_metrics"]:
+        # a model trained with absent-shape prompts (an older one never learnt to answer with no box)
+        assert got["detect_fp_rate"] <= DEMO_MAX_FP_RATE and eager["detect_fp_rate"] <= DEMO_MAX_FP_RATE, (eager, got)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
