@@ -104,7 +104,8 @@ def run_batch(model: str | os.PathLike | None, input: str | os.PathLike, out: st
         progress: receives status lines; bar: a progress bar on stderr when it is a terminal.
 
     Returns a summary: rows, processed, skipped (already done), errors, seconds, images_per_second,
-    latencies (each processed row's `seconds`), first_rows_seconds (start-up: until the first `first_rows` rows came back).
+    latencies (each processed row's `seconds`), first_rows_seconds (the start-up: until the first
+    `first_rows` rows came back).
     """
     if engine not in ENGINES:
         raise PgExportError(f"unknown engine {engine!r}; use one of: {', '.join(ENGINES)}")
@@ -116,7 +117,7 @@ def run_batch(model: str | os.PathLike | None, input: str | os.PathLike, out: st
         raise PgExportError(f"unknown provider {provider!r}; use cpu or cuda")
     check_output(out, resume, overwrite)
     items = discover(input, prompt=prompt, prompt_column=prompt_column, image_column=image_column)
-    if (output_format(out) == ".parquet" or Path(str(input)).suffix.lower() == ".parquet" or engine == "ray"):
+    if output_format(out) == ".parquet" or Path(str(input)).suffix.lower() == ".parquet" or engine == "ray":
         try:
             import pyarrow.parquet  # noqa: F401 - optional: Parquet files and Ray need it
         except ModuleNotFoundError:
@@ -138,13 +139,14 @@ def run_batch(model: str | os.PathLike | None, input: str | os.PathLike, out: st
     start = time.perf_counter()
     options = dict(batch_size=batch_size, workers=workers, threads=threads, max_new_tokens=max_new_tokens,
                    provider=provider)
-    if pending:
-        if engine == "local":
+    try:
+        if pending and engine == "local":
             run_local(str(export_dir), pending, sink, **options)
-        else:
+        elif pending:
             run_ray(str(Path(export_dir).resolve()), pending, sink, address=address, **options)
-    sink.flush()
-    sink.bar.close()
+    finally:  # interrupted too: what finished is kept for --resume
+        sink.flush()
+        sink.bar.close()
     seconds = time.perf_counter() - start
     rows = writer.finish({item.key: item.index for item in items})
     return {"out": str(out), "export": str(export_dir), "rows": rows, "processed": len(pending),
