@@ -301,8 +301,6 @@ needs_demo = pytest.mark.skipif(not (_DEMO_DIR / "config.json").is_file(),
                                 reason="demo model not trained yet: run examples/train_demo.py")
 
 
-
-
 def _trained_with_absent_shapes() -> bool:
     """Whether the shipped model was trained on the dataset that asks to detect absent shapes
     (its training.json states the false-positive rate): the figures below are stated for it."""
@@ -314,6 +312,7 @@ needs_current_demo = pytest.mark.skipif(
     not _trained_with_absent_shapes(),
     reason="the shipped demo model predates the dataset's absent-shape prompts and grammar: retrain it with "
            "examples/train_demo.py")
+
 
 @needs_demo
 def test_default_model_is_the_demo():
