@@ -89,7 +89,8 @@ def measure_memory(folders: list[Path], modes: list[str], threads: int, new_toke
     return rows
 
 
-def measure_speed(folders: list[Path], modes: list[str], threads: int, batches: list[int], repeats: int) -> list[dict]:
+def measure_speed(folders: list[Path], modes: list[str], threads: int, batches: list[int], repeats: int,
+                  decode_repeats: int | None = None) -> list[dict]:
     import numpy as np
 
     from benchmarks.common import interleaved, progress
@@ -104,20 +105,30 @@ def measure_speed(folders: list[Path], modes: list[str], threads: int, batches: 
             inputs = processor(images=[sample_image()] * batch, prompts=["caption en"] * batch)
             ids, mask, pix = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
             features = next(iter(models.values())).encode_image(pix)  # the vision session is the same in every mode
+            seq, room = ids.shape[1], 16
             state = {}
-            for mode, rt in models.items():  # a past to decode from, per mode
+            for mode, rt in models.items():  # a past to decode from, per mode, as `generate` holds it
                 logits, past = rt.prefill(ids, features, mask)
-                state[mode] = (np.asarray(logits).argmax(-1)[:, None], np.concatenate([mask, np.ones((batch, 1), np.int64)], 1), past)
+                tokens = np.asarray(logits).argmax(-1)[:, None]
+                if rt.single_decoder:  # buffers for the prompt + `room` tokens, written in place
+                    buffer_mask = np.zeros((batch, seq + room), np.int64)
+                    buffer_mask[:, :seq], buffer_mask[:, seq] = mask, 1
+                    state[mode] = (tokens, buffer_mask, rt.new_cache(batch, seq + room, start=past))
+                else:
+                    state[mode] = (tokens, np.concatenate([mask, np.ones((batch, 1), np.int64)], 1), past)
 
             def prefill(rt=None):
                 return lambda: rt.prefill(ids, features, mask)[0]
 
             def decode(rt=None, mode=None):
                 tokens, m, past = state[mode]
+                if rt.single_decoder:
+                    return lambda: rt.decode_in_place(tokens, m, past, seq)
                 return lambda: rt.decode(tokens, m, past)[0]
 
             for step, make in (("prefill", lambda rt, mode: prefill(rt)), ("decode", lambda rt, mode: decode(rt, mode))):
-                runs = interleaved({mode: make(rt, mode) for mode, rt in models.items()}, repeats=repeats, warmup=1,
+                n = decode_repeats if step == "decode" and decode_repeats else repeats  # a decode step is short
+                runs = interleaved({mode: make(rt, mode) for mode, rt in models.items()}, repeats=n, warmup=1,
                                    label=f"{folder.name} batch {batch} {step}", keep_results=False)
                 base = runs[FASTEST_BEFORE].stats.median if FASTEST_BEFORE in runs else None
                 for mode, r in runs.items():
@@ -160,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--decode-repeats", type=int, default=None, help="decode steps timed per mode (default: --repeats)")
     ap.add_argument("--out", default="benchmarks/results/runtime_memory")
     ap.add_argument("--child", nargs=2, metavar=("FOLDER", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -175,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"machine": machine_info(), "command": command_line(Path(__file__).name, argv), "threads": args.threads,
               "memory": [] if args.skip_memory else measure_memory(folders, modes, args.threads, args.new_tokens),
               "speed": measure_speed(folders, modes, args.threads, [int(b) for b in args.batches.split(",")],
-                                     args.repeats) if args.speed else []}
+                                     args.repeats, args.decode_repeats) if args.speed else []}
     save_results(args.out, result, render(result, result["command"]), echo=True)
     return 0
 
