@@ -24,7 +24,6 @@ Writes benchmarks/results/kv_cache.json and .md (or --out).
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import json
 import sys
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from benchmarks.bench_decode_roofline import read_bandwidth  # noqa: E402
+from benchmarks.bench_decode_roofline import op_table, read_bandwidth  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     export_folders, fmt_stats_ms, interleaved, machine_markdown, markdown_table, progress, write_report,
 )
@@ -92,17 +91,11 @@ def kernel_ms_by_op(folder: Path, batch: int, past: int, new_tokens: int, steps:
         with profiled_sessions(tmp):
             single = OnnxPaliGemma(folder, single_decoder=True)
         step = step_calls(None, single, batch, past, new_tokens, seed=0, modes=("in place",))["in place"]
-        for _ in range(steps + 2):
+        for _ in range(steps + 1):  # the first is a warm-up, left out by op_table
             step()
         trace = json.loads(Path(single.decoder_session.end_profiling()).read_text())
         single.close()
-    runs = [e for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run"]
-    skip_before = runs[2]["ts"] if len(runs) > 2 else 0  # the first two runs warm up
-    total: collections.Counter = collections.Counter()
-    for e in trace:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= skip_before:
-            total[e["args"].get("op_name", "?")] += e["dur"]
-    return {op: us / steps / 1e3 for op, us in total.items()}
+    return {op: row["ms"] for op, row in op_table(trace, {}, steps)["ops"].items()}
 
 
 def cache_bytes(m, batch: int, past: int, itemsize: int) -> int:

@@ -140,10 +140,11 @@ def run_batch(model: str | os.PathLike | None, input: str | os.PathLike, out: st
     options = dict(batch_size=batch_size, workers=workers, threads=threads, max_new_tokens=max_new_tokens,
                    provider=provider)
     try:
-        if pending and engine == "local":
-            run_local(str(export_dir), pending, sink, **options)
-        elif pending:
-            run_ray(str(Path(export_dir).resolve()), pending, sink, address=address, **options)
+        if pending:
+            if engine == "local":
+                run_local(str(export_dir), pending, sink, **options)
+            else:
+                run_ray(str(Path(export_dir).resolve()), pending, sink, address=address, **options)
     finally:  # interrupted too: what finished is kept for --resume
         sink.flush()
         sink.bar.close()
