@@ -139,14 +139,25 @@ class NBitsWeight:
         return dequantize_nbits(self.b, self.scales, self.zero_points, self.bits, self.block_size, self.k)
 
 
+# Symmetric int8 weights for DynamicQuantizeMatMul use 7 bits, [-64, 64] (ONNX Runtime's
+# `reduce_range`). On x86 CPUs without VNNI (AVX2, AVX512 before VNNI) the uint8 x int8 kernel
+# multiplies with VPMADDUBSW, which adds two uint8 * int8 products into a saturating int16: with
+# full-range weights 2 * 255 * 127 overflows it and the layer's output is wrong (visibly so in
+# real logits); 2 * 255 * 64 fits. The same file then runs correctly on every CPU, at the same
+# speed (the kernel does not change), for one bit of weight resolution.
+DYNAMIC_INT8_MAX = 64
+
+
 def quantize_columns_int8(w: np.ndarray, symmetric: bool):
     """`w` `[K, N]` -> (int8 or uint8 `[K, N]`, scale `[N]`, zero point `[N]` or None): one scale per
-    output column, for DynamicQuantizeMatMul."""
+    output column, for DynamicQuantizeMatMul. Symmetric: int8 in [-DYNAMIC_INT8_MAX, DYNAMIC_INT8_MAX];
+    asymmetric: uint8 with zero points (the uint8 x uint8 kernel, which cannot saturate)."""
     w = np.asarray(w, np.float32)
     if symmetric:
-        scale = (np.abs(w).max(0) / 127.0).astype(np.float32)
+        scale = (np.abs(w).max(0) / DYNAMIC_INT8_MAX).astype(np.float32)
         inv = np.where(scale == 0, 0, 1 / np.where(scale == 0, 1, scale))
-        return np.clip(np.round(w * inv), -127, 127).astype(np.int8), scale, None
+        q = np.clip(np.round(w * inv), -DYNAMIC_INT8_MAX, DYNAMIC_INT8_MAX)
+        return q.astype(np.int8), scale, None
     lo, hi = np.minimum(w.min(0), 0.0), np.maximum(w.max(0), 0.0)
     scale = ((hi - lo) / 255.0).astype(np.float32)
     inv = np.where(scale == 0, 0, 1 / np.where(scale == 0, 1, scale))

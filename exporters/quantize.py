@@ -22,7 +22,9 @@ three graphs (numpy and onnx only, no torch, no onnxruntime):
   - int8 with `int8_format="dynamic"`: `com.microsoft.DynamicQuantizeMatMul` (the fused op
     `onnxruntime.quantization.quantize_dynamic` emits: the activations are quantized to uint8 per
     call, int8 x uint8 GEMM, VNNI on recent CPUs), the weight kept `[K, N]` int8 with one scale
-    per output column (uint8 + zero points when asymmetric); `block_size` does not apply to it;
+    per output column, in 7 bits ([-64, 64]: full-range weights overflow the kernel's 16-bit sums
+    on CPUs without VNNI, see `quant_numerics.DYNAMIC_INT8_MAX`), or uint8 + zero points when
+    asymmetric; `block_size` does not apply to it;
 * the tied embedding table, read by the lookup `Gather` and by the LM head `Gemm(transB=1)`:
   ONE block-quantized table `[vocab, hidden]` quantized along hidden. The head becomes
   `MatMulNBits` (B = the table as `[vocab, k_blocks, blob]`, N=vocab, K=hidden) and the lookup
@@ -234,7 +236,8 @@ def describe(options: QuantOptions, quantizers: list[GraphQuantizer]) -> dict:
         unquantized.update(q.unquantized)
         notes += [n for n in q.notes if n not in notes]
     o = options
-    linear = ("com.microsoft.DynamicQuantizeMatMul (int8 per output column, activations quantized per call)"
+    linear = ("com.microsoft.DynamicQuantizeMatMul (int8 per output column, 7-bit range when symmetric, "
+              "activations quantized per call)"
               if o.bits == 8 and o.int8_format == "dynamic" else f"com.microsoft.MatMulNBits (bits {o.bits})")
     d = {
         "method": "weight-only",

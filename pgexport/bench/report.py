@@ -40,9 +40,12 @@ SCHEMA = "pgexport-bench/1"
 # Accuracy gates against fp32 PyTorch (the project's quantization gates, README "Quantization"):
 # teacher-forced top-1 agreement, and task accuracy lost (points of exact match / detection IoU /
 # detection recall, or of false-positive rate gained on detect prompts for absent objects).
+# int8's top-1 gate is a little below float's: the default DynamicQuantizeMatMul weights have 7
+# bits (exporters/quant_numerics.py, DYNAMIC_INT8_MAX), which moves more near-tied tokens (mostly
+# <loc> bins next to each other) without costing task accuracy, which keeps float's gate.
 ACCURACY_GATES = {
     "float": {"min_top1": 0.99, "max_task_drop": 0.005},
-    "int8": {"min_top1": 0.99, "max_task_drop": 0.005},
+    "int8": {"min_top1": 0.985, "max_task_drop": 0.005},
     "int4": {"min_top1": 0.95, "max_task_drop": 0.02},
 }
 STATS_FIGURES = ("vision_s", "prefill_s", "decode_s")
