@@ -34,6 +34,8 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
+from benchmarks.bench_matmul_kernels import quantized_session  # noqa: E402
+
 import pgexport  # noqa: E402
 from pgexport.bench.report import ACCURACY_GATES  # noqa: E402
 from pgexport.exporters.pipeline import export_folder  # noqa: E402
@@ -588,24 +590,16 @@ def test_dynamic_int8_cannot_saturate_the_kernel(symmetric, tmp_path):
     kernel adds pairs of products in saturating int16 lanes; the exported weights must keep those
     sums in range (on VNNI CPUs this passes with any weight range), so the result is the float
     product up to rounding on every CPU."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
     k, n = 256, 8
     w = np.full((k, n), 0.05, np.float32)
     w[:, 1::2] *= -1  # both signs at full scale
     a = np.full((3, k), 4.0, np.float32)
     a[1] = np.linspace(0.0, 4.0, k)  # activations from the zero point to the top of the range
     a[2, ::2] = -4.0  # a mixed-sign row (its zero point in the middle)
-    graph = helper.make_graph([helper.make_node("MatMul", ["A", "W"], ["Y"])], "linear",
-                              [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])],
-                              [numpy_helper.from_array(w, "W")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
-    quantize_folder(tmp_path, QuantOptions.create("int8", int8_format="dynamic", symmetric=symmetric))
-    assert [x.op_type for x in onnx.load(str(tmp_path / "m.onnx")).graph.node] == ["DynamicQuantizeMatMul"]
-    y = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
+    session = quantized_session(w, {"quant": "int8", "int8_format": "dynamic", "symmetric": symmetric},
+                                tmp_path / "linear", threads=1)
+    assert [x.op_type for x in onnx.load(str(tmp_path / "linear" / "linear.onnx")).graph.node] == ["DynamicQuantizeMatMul"]
+    y = session.run(None, {"A": a})[0]
     ref = a @ w
     np.testing.assert_allclose(y, ref, rtol=0, atol=0.02 * np.abs(ref).max())
 
