@@ -16,7 +16,9 @@ Pipeline, one code path whatever `model` is:
 
 1. Structure. A weightless copy of the model (fake tensors, at the export dtype) is traced by
    `torch.onnx.export(dynamo=True)` through each wrapper of `graphs.py`. Tracing reads no weight,
-   so it costs the same few hundred MB for a tiny model and for 28B.
+   so it costs the same few hundred MB for a tiny model and for 28B. Traced graphs are kept in
+   a cache keyed by architecture (`trace_cache.py`): another export of the same geometry skips
+   this step and writes the same files.
 2. Weights. Every initializer named after a parameter is bound to a lazy tensor that reads that
    parameter from a `TensorSource` (`tensor_source.py`): the in-memory model's state dict, or the
    checkpoint folder's safetensors files read tensor by tensor. `Transpose(weight)` nodes (every
@@ -74,6 +76,7 @@ from pgexport.runtime.onnx_files import check_external_data
 
 from pgexport.exporters.graphs import DecodeGraph, DecoderGraph, PrefillGraph, VisionEncoderGraph
 from pgexport.exporters.tensor_source import CheckpointSource, StateDictSource, TensorSource
+from pgexport.exporters.trace_cache import traced
 
 DEFAULT_OPSET = 20  # Gelu(approximate="tanh") is a single op from opset 20
 VISION_FILE = "vision_encoder.onnx"
@@ -231,23 +234,7 @@ def export_graph(graph: torch.nn.Module, opset: int, source: TensorSource, dtype
     """Trace one wrapper (fake weights), bind its weights to `source`, optimize; returns the IR model."""
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     graph = graph.eval()
-    with fake_mode:
-        example = graph.example_inputs()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        program = torch.onnx.export(
-            graph,
-            example,
-            dynamo=True,
-            dynamic_shapes=graph.dynamic_shapes(),
-            input_names=list(graph.input_names),
-            output_names=list(graph.output_names),
-            opset_version=opset,
-            optimize=False,
-            verbose=False,
-        )
-    ir_model = program.model
+    ir_model = traced(graph, opset, dtype, lambda: trace_graph(graph, opset, fake_mode))
     _check_io(ir_model, graph.input_names, graph.output_names)
     _name_axes(ir_model, getattr(graph, "axis_names", {}))
     _bind_weights(ir_model, source, dtype)
@@ -267,6 +254,27 @@ def export_graph(graph: torch.nn.Module, opset: int, source: TensorSource, dtype
         value.metadata_props.clear()
     ir_model.producer_name = "pgexport"
     return ir_model
+
+
+def trace_graph(graph: torch.nn.Module, opset: int, fake_mode) -> ir.Model:
+    """`torch.onnx.export(dynamo=True)` of one wrapper; weights are fake tensors."""
+    with fake_mode:
+        example = graph.example_inputs()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        program = torch.onnx.export(
+            graph,
+            example,
+            dynamo=True,
+            dynamic_shapes=graph.dynamic_shapes(),
+            input_names=list(graph.input_names),
+            output_names=list(graph.output_names),
+            opset_version=opset,
+            optimize=False,
+            verbose=False,
+        )
+    return program.model
 
 
 class SourceTensor(ir.LazyTensor):
@@ -304,7 +312,7 @@ _IR_DTYPES = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT
 
 
 def _bind_weights(model: ir.Model, source: TensorSource, dtype: torch.dtype) -> None:
-    """Point every parameter initializer (fake after tracing) at the source tensor of that name."""
+    """Point every parameter initializer (unbound after tracing) at the source tensor of that name."""
     shapes = source.shapes()
     for value in model.graph.initializers.values():
         name = value.name
@@ -313,14 +321,8 @@ def _bind_weights(model: ir.Model, source: TensorSource, dtype: torch.dtype) -> 
             if tuple(value.shape) != tuple(shapes[param]):
                 raise RuntimeError(f"{name}: graph shape {value.shape} vs weight {list(shapes[param])}")
             value.const_value = SourceTensor(source, param, dtype, shapes[param], name=name)
-        elif _is_fake(value.const_value):
+        elif value.const_value is None:  # a weight of the traced model (`trace_cache.traced`)
             raise RuntimeError(f"initializer {name} has no weight in the source")
-
-
-def _is_fake(tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(getattr(tensor, "raw", None), FakeTensor)
 
 
 def _pretranspose_weights(model: ir.Model) -> None:

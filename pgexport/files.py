@@ -53,11 +53,16 @@ def move_into_place(folder: str | os.PathLike, out: str | os.PathLike) -> None:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write `text` (UTF-8) to `path` through a temporary file in the same folder, then rename."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder, then rename."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
@@ -66,3 +71,13 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def cache_dir(kind: str) -> Path:
+    """pgexport's cache folder for `kind` ("exports", "bench", "traces"): `$PGEXPORT_CACHE/kind`,
+    by default `~/.cache/pgexport/kind` (not created here).
+
+    >>> cache_dir("traces")  # doctest: +SKIP
+    PosixPath('/home/me/.cache/pgexport/traces')
+    """
+    return Path(os.environ.get("PGEXPORT_CACHE", Path.home() / ".cache" / "pgexport")) / kind

@@ -22,11 +22,12 @@ from typing import Callable
 
 from pgexport.bundled import default_model
 from pgexport.errors import PgExportError
+from pgexport.files import cache_dir
 from pgexport.runtime.manifest import MANIFEST_FILE, read_manifest
 
 
 def default_cache() -> Path:
-    return Path(os.environ.get("PGEXPORT_CACHE", Path.home() / ".cache" / "pgexport")) / "exports"
+    return cache_dir("exports")
 
 
 def is_export(spec: str | os.PathLike) -> bool:

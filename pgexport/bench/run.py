@@ -37,6 +37,7 @@ from pgexport.bench.report import write_report
 from pgexport.bench.worker import PROGRESS
 from pgexport.bundled import default_model
 from pgexport.errors import PgExportError
+from pgexport.files import cache_dir
 from pgexport.runtime.manifest import MANIFEST_FILE, read_manifest
 from pgexport.train.dataset import random_scene, read_jsonl, render, scene_tasks
 
@@ -74,7 +75,7 @@ def model_digest(folder: Path) -> str:
 
 
 def default_cache() -> Path:
-    return Path(os.environ.get("PGEXPORT_CACHE", Path.home() / ".cache" / "pgexport")) / "bench"
+    return cache_dir("bench")
 
 
 def prepare(model_dir: Path, backend: str, cache: Path, progress: Callable[[str], None], provider: str = "cpu") -> Path:

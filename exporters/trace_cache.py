@@ -1,0 +1,118 @@
+"""A disk cache of traced graphs: the second export of an architecture skips `torch.onnx.export`.
+
+Tracing a wrapper of `graphs.py` with `torch.onnx.export(dynamo=True)` is most of an export's
+time, and its result depends only on the architecture, never on the weights (the model traced
+is weightless, `onnx_export.fake_model`). So the traced graph is kept, weights left out, under a
+key made of everything that shapes it: the wrapper class, the whole config, the dtype, the opset,
+the versions of torch / onnxscript / onnx-ir / onnx and the source of `pgexport.models` and
+`pgexport.exporters`. Exporting a fine-tuned checkpoint of a known geometry, or the same model
+again at another `--quant`, then reuses the trace; binding the weights, optimizing and writing
+run as usual, and the files written are byte for byte those of an uncached export.
+
+    >>> ir_model = traced(PrefillGraph(fake), opset=20, dtype=torch.float32, trace=trace_fn)  # doctest: +SKIP
+
+Entries live in `$PGEXPORT_CACHE/traces/` (default `~/.cache/pgexport/traces/`), one `.onnx` file
+each (the graph without weights: kilobytes for the tiny presets, a few MB at 3B), written
+atomically; an unreadable entry is traced again and replaced. `PGEXPORT_TRACE_CACHE=0` turns
+the cache off. Deleting the folder is always safe.
+
+In a cached file, each weight (a fake tensor after tracing) is an external-data reference to
+`PLACEHOLDER`, a file that never exists: the file records the weight's name, dtype and shape
+and nothing else. On the way out of `traced` those references become `const_value = None`,
+and `onnx_export` binds every weight to its source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import onnx_ir as ir
+import onnxscript
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+
+import pgexport.models
+from pgexport.files import cache_dir, write_bytes_atomic
+
+PLACEHOLDER = "pgexport-unbound-weight"  # external-data location of a weight left out of the cache
+ENV_SWITCH = "PGEXPORT_TRACE_CACHE"  # "0" turns the cache off
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1") != "0"
+
+
+def traced(graph: torch.nn.Module, opset: int, dtype: torch.dtype, trace: Callable[[], ir.Model]) -> ir.Model:
+    """The traced graph of wrapper `graph` (its `model` is the fake model): read from the cache,
+    or `trace()`d and stored. Weights are initializers with `const_value` None in both cases
+    (the result always comes through the cache's serialization, so a hit and a miss are equal)."""
+    if not enabled():
+        return _unbound(_stored(trace()))
+    path = cache_dir("traces") / f"{trace_key(graph, opset, dtype)}.onnx"
+    try:
+        return _unbound(onnx.load_model_from_string(path.read_bytes()))
+    except Exception:  # noqa: BLE001 - missing, truncated or foreign: traced again and replaced
+        pass
+    proto = _stored(trace())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, proto.SerializeToString())
+    except OSError:  # a read-only or full cache folder costs the next export a trace, nothing more
+        pass
+    return _unbound(proto)
+
+
+def trace_key(graph: torch.nn.Module, opset: int, dtype: torch.dtype) -> str:
+    """Digest of everything the traced graph depends on (see the module docstring)."""
+    cls = type(graph)
+    what = {
+        "wrapper": f"{cls.__module__}.{cls.__qualname__}",
+        "config": dataclasses.asdict(graph.model.cfg),
+        "dtype": str(dtype),
+        "opset": opset,
+        "versions": [torch.__version__, onnxscript.__version__, ir.__version__, onnx.__version__],
+        "code": _code_digest(),
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """Digest of the Python source of the model and exporter packages (any edit retraces)."""
+    h = hashlib.sha256()
+    for folder in (Path(pgexport.models.__file__).parent, Path(__file__).parent):
+        for f in sorted(folder.glob("*.py")):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def _stored(model: ir.Model) -> onnx.ModelProto:
+    """`model` as it is cached: each fake weight replaced by a placeholder reference, node
+    metadata (the exporter's stack traces, absolute paths) dropped."""
+    for node in model.graph.all_nodes():
+        node.metadata_props.clear()
+    for value in model.graph.initializers.values():
+        value.metadata_props.clear()
+        tensor = value.const_value
+        if _is_fake(tensor):
+            value.const_value = ir.ExternalTensor(PLACEHOLDER, 0, 0, tensor.dtype, shape=tensor.shape, name=value.name)
+    return ir.to_proto(model)
+
+
+def _unbound(proto: onnx.ModelProto) -> ir.Model:
+    model = ir.from_proto(proto)
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor) and value.const_value.location == PLACEHOLDER:
+            value.const_value = None
+    return model
+
+
+def _is_fake(tensor) -> bool:
+    return isinstance(getattr(tensor, "raw", None), FakeTensor)
