@@ -280,6 +280,21 @@ def demo_export(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _run_cache(tmp_path_factory):
+    """pgexport's caches (traced graphs, `pgexport bench` variants, `pgexport batch` exports) in a
+    folder of this test run, shared by the pytest-xdist workers and the processes tests start,
+    instead of the user's `~/.cache/pgexport`: one trace per geometry for the whole run."""
+    if "PGEXPORT_CACHE" in os.environ:
+        yield
+        return
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    os.environ["PGEXPORT_CACHE"] = str(shared / "pgexport-cache")
+    yield
+    del os.environ["PGEXPORT_CACHE"]
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _few_threads():
     """The test machines are small and shared; tiny models gain nothing from many threads. Under
     pytest-xdist each worker takes one thread (the workers already share the cores)."""
