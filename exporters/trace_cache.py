@@ -78,13 +78,13 @@ def trace_key(graph: torch.nn.Module, opset: int, dtype: torch.dtype) -> str:
         "dtype": str(dtype),
         "opset": opset,
         "versions": [torch.__version__, onnxscript.__version__, ir.__version__, onnx.__version__],
-        "code": _code_digest(),
+        "code": code_digest(),
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 @functools.lru_cache(maxsize=1)
-def _code_digest() -> str:
+def code_digest() -> str:
     """Digest of the Python source of the model and exporter packages (any edit retraces)."""
     h = hashlib.sha256()
     for folder in (Path(pgexport.models.__file__).parent, Path(__file__).parent):

@@ -80,7 +80,7 @@ def test_key_covers_dtype_opset_config_and_code(monkeypatch):
     assert trace_cache.trace_key(graph, 20, torch.float16) != key
     _, fake2 = fake_model(cfg.replace(text=dict(rms_norm_eps=1e-5)), torch.float32)  # a field the vision graph ignores
     assert trace_cache.trace_key(VisionEncoderGraph(fake2), 20, torch.float32) != key  # the whole config counts
-    monkeypatch.setattr(trace_cache, "_code_digest", lambda: "edited")
+    monkeypatch.setattr(trace_cache, "code_digest", lambda: "edited")
     assert trace_cache.trace_key(graph, 20, torch.float32) != key
 
 
