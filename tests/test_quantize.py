@@ -512,7 +512,7 @@ DEMO_MAX_FP_RATE = 0.02
 def demo(tmp_path_factory):
     from pgexport.train.dataset import read_jsonl, write_dataset
     from pgexport.train.demo import DEMO_DIR
-    from pgexport.train.evaluate import DEMO_EVAL_IMAGES, DEMO_EVAL_SEED
+    from pgexport.train.evaluate import DEMO_EVAL_IMAGES, DEMO_EVAL_SEED, teacher_forced_logits
     from pgexport.train.finetune import evaluate
 
     if not (DEMO_DIR / "config.json").is_file():
@@ -523,7 +523,10 @@ def demo(tmp_path_factory):
     model = pgexport.load_model(str(DEMO_DIR), dtype="float32")
     processor = pgexport.load_processor(str(DEMO_DIR))
     eager = evaluate(model, processor, records, batch_size=64, max_new_tokens=40)
-    return DEMO_DIR, model, processor, records, eager
+    # The fp32 side of the teacher-forced comparison, once for both quantizations.
+    reference = teacher_forced_logits(EagerStepper(model), processor, records, model.cfg.eos_token_id,
+                                      model.cfg.pad_token_id)
+    return DEMO_DIR, model, processor, records, eager, reference
 
 
 @pytest.mark.slow
@@ -531,14 +534,14 @@ def demo(tmp_path_factory):
 def test_demo_model_accuracy_gates(demo, quant, tmp_path, record_diff):
     from pgexport.train.evaluate import task_accuracy, teacher_forced_agreement
 
-    demo_dir, model, processor, records, eager = demo
+    demo_dir, model, processor, records, eager, reference = demo
     out = tmp_path / quant
     result = export_folder(str(demo_dir), out, quant=quant, progress=None, threads=2)
     assert result["report"]["passed"], result["report"]["failures"]
     rt = OnnxPaliGemma(out, threads=2)
     got = task_accuracy(rt, records)
     tf = teacher_forced_agreement(EagerStepper(model), rt.stepper(), processor, records, model.cfg.eos_token_id,
-                                  model.cfg.pad_token_id)
+                                  model.cfg.pad_token_id, reference=reference)
     rt.close()
     gates = DEMO_GATES[quant]
     record_diff(f"demo {quant} 1 - TF top1", 1 - tf["top1_agreement"])
