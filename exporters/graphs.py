@@ -42,6 +42,8 @@ right padding both work because positions, masks and the last-token index all de
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from torch.export import Dim
@@ -123,6 +125,12 @@ class VisionEncoderGraph(nn.Module):
 
     def dynamic_shapes(self) -> dict:
         return {"pixel_values": {0: Dim(BATCH)}}
+
+    def traced_config(self) -> dict:
+        """What this graph's trace depends on (`trace_cache.trace_key`): the vision tower and the
+        projector's output width. Models that differ only in their decoder share one trace."""
+        cfg = self.model.cfg
+        return {"vision": dataclasses.asdict(cfg.vision), "projector_out": cfg.text.hidden_size}
 
 
 class PrefillGraph(nn.Module):

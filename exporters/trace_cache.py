@@ -3,7 +3,8 @@
 Tracing a wrapper of `graphs.py` with `torch.onnx.export(dynamo=True)` is most of an export's
 time, and its result depends only on the architecture, never on the weights (the model traced
 is weightless, `onnx_export.fake_model`). So the traced graph is kept, weights left out, under a
-key made of everything that shapes it: the wrapper class, the whole config, the dtype, the opset,
+key made of everything that shapes it: the wrapper class, the config (the whole config, or the
+part a wrapper declares it reads: the vision encoder's), the dtype, the opset,
 the versions of torch / onnxscript / onnx-ir / onnx and the source of `pgexport.models` and
 `pgexport.exporters`. Exporting a fine-tuned checkpoint of a known geometry, or the same model
 again at another `--quant`, then reuses the trace; binding the weights, optimizing and writing
@@ -13,7 +14,8 @@ run as usual, and the files written are byte for byte those of an uncached expor
 
 Entries live in `$PGEXPORT_CACHE/traces/` (default `~/.cache/pgexport/traces/`), one `.onnx` file
 each (the graph without weights: kilobytes for the tiny presets, a few MB at 3B), written
-atomically; an unreadable entry is traced again and replaced. `PGEXPORT_TRACE_CACHE=0` turns
+atomically; processes exporting one geometry at the same time trace it once (a lock file beside
+the entry); an unreadable entry is traced again and replaced. `PGEXPORT_TRACE_CACHE=0` turns
 the cache off. Deleting the folder is always safe.
 
 In a cached file, each weight (a fake tensor after tracing) is an external-data reference to
@@ -24,6 +26,7 @@ and `onnx_export` binds every weight to its source.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -31,6 +34,11 @@ import json
 import os
 from pathlib import Path
 from typing import Callable
+
+try:
+    import fcntl  # POSIX; without it, concurrent exports of one geometry may both trace
+except ImportError:
+    fcntl = None
 
 import onnx
 import onnx_ir as ir
@@ -56,17 +64,44 @@ def traced(graph: torch.nn.Module, opset: int, dtype: torch.dtype, trace: Callab
     if not enabled():
         return _unbound(_stored(trace()))
     path = cache_dir("traces") / f"{trace_key(graph, opset, dtype)}.onnx"
+    cached = _read(path)
+    if cached is not None:
+        return cached
+    with _locked(path):  # a process tracing the same key now: wait for its entry, do not trace twice
+        cached = _read(path)
+        if cached is not None:
+            return cached
+        proto = _stored(trace())
+        try:
+            write_bytes_atomic(path, proto.SerializeToString())
+        except OSError:  # a read-only or full cache folder costs the next export a trace, nothing more
+            pass
+    return _unbound(proto)
+
+
+def _read(path: Path) -> ir.Model | None:
     try:
         return _unbound(onnx.load_model_from_string(path.read_bytes()))
     except Exception:  # noqa: BLE001 - missing, truncated or foreign: traced again and replaced
-        pass
-    proto = _stored(trace())
+        return None
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on `path`'s `.lock` file where the OS has flock (else nothing)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(path, proto.SerializeToString())
-    except OSError:  # a read-only or full cache folder costs the next export a trace, nothing more
-        pass
-    return _unbound(proto)
+        fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        fd = None
+    if fd is None or fcntl is None:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def trace_key(graph: torch.nn.Module, opset: int, dtype: torch.dtype) -> str:
@@ -74,7 +109,8 @@ def trace_key(graph: torch.nn.Module, opset: int, dtype: torch.dtype) -> str:
     cls = type(graph)
     what = {
         "wrapper": f"{cls.__module__}.{cls.__qualname__}",
-        "config": dataclasses.asdict(graph.model.cfg),
+        # the config fields the graph reads where it says so (`traced_config`), else the whole config
+        "config": graph.traced_config() if hasattr(graph, "traced_config") else dataclasses.asdict(graph.model.cfg),
         "dtype": str(dtype),
         "opset": opset,
         "versions": [torch.__version__, onnxscript.__version__, ir.__version__, onnx.__version__],
@@ -94,8 +130,10 @@ def code_digest() -> str:
 
 
 def _stored(model: ir.Model) -> onnx.ModelProto:
-    """`model` as it is cached: each fake weight replaced by a placeholder reference, node
-    metadata (the exporter's stack traces, absolute paths) dropped."""
+    """`model` as it is cached: each fake weight replaced by a placeholder reference, metadata
+    dropped (the nodes' stack traces and absolute paths, the graph's torch.export signature, which
+    names every parameter of the model traced, used or not)."""
+    model.graph.metadata_props.clear()
     for node in model.graph.all_nodes():
         node.metadata_props.clear()
     for value in model.graph.initializers.values():

@@ -10,7 +10,7 @@ import torch
 onnx_ir = pytest.importorskip("onnx_ir")
 
 from pgexport.exporters import onnx_export, trace_cache  # noqa: E402
-from pgexport.exporters.graphs import VisionEncoderGraph  # noqa: E402
+from pgexport.exporters.graphs import PrefillGraph, VisionEncoderGraph  # noqa: E402
 from pgexport.exporters.onnx_export import DEFAULT_OPSET, export_graph, fake_model, open_source  # noqa: E402
 from pgexport.models import PaliGemma, PaliGemmaConfig  # noqa: E402
 
@@ -78,10 +78,32 @@ def test_key_covers_dtype_opset_config_and_code(monkeypatch):
     assert trace_cache.trace_key(graph, 20, torch.float32) == key
     assert trace_cache.trace_key(graph, 21, torch.float32) != key
     assert trace_cache.trace_key(graph, 20, torch.float16) != key
-    _, fake2 = fake_model(cfg.replace(text=dict(rms_norm_eps=1e-5)), torch.float32)  # a field the vision graph ignores
-    assert trace_cache.trace_key(VisionEncoderGraph(fake2), 20, torch.float32) != key  # the whole config counts
+    _, fake2 = fake_model(cfg.replace(vision=dict(layer_norm_eps=1e-5)), torch.float32)
+    assert trace_cache.trace_key(VisionEncoderGraph(fake2), 20, torch.float32) != key  # every vision field counts
+    _, fake3 = fake_model(cfg.replace(text=dict(hidden_size=128, intermediate_size=256)), torch.float32)
+    assert trace_cache.trace_key(VisionEncoderGraph(fake3), 20, torch.float32) != key  # the projector's width
+    _, fake4 = fake_model(cfg.replace(text=dict(rms_norm_eps=1e-5)), torch.float32)
+    assert trace_cache.trace_key(PrefillGraph(fake4), 20, torch.float32) != trace_cache.trace_key(PrefillGraph(fake), 20, torch.float32)
     monkeypatch.setattr(trace_cache, "code_digest", lambda: "edited")
     assert trace_cache.trace_key(graph, 20, torch.float32) != key
+
+
+def test_vision_trace_is_shared_across_decoders(traces, monkeypatch):
+    """The vision encoder's key leaves the decoder's config out: sound only if a model that differs
+    in its decoder alone (Gemma 1 against Gemma 2) traces to the same vision graph."""
+    monkeypatch.setenv(trace_cache.ENV_SWITCH, "0")
+    pg1, pg2 = PaliGemmaConfig.from_preset("paligemma-tiny"), PaliGemmaConfig.from_preset("paligemma2-tiny")
+    assert pg1.vision == pg2.vision and pg1.text != pg2.text
+    graphs = []
+    for cfg in (pg1, pg2):
+        fake_mode, fake = fake_model(cfg, torch.float32)
+        graph = VisionEncoderGraph(fake).eval()
+        graphs.append(graph)
+        fresh = trace_cache.traced(graph, DEFAULT_OPSET, torch.float32,
+                                   lambda g=graph, m=fake_mode: onnx_export.trace_graph(g, DEFAULT_OPSET, m))
+        graphs.append(onnx_ir.to_proto(fresh).SerializeToString())
+    assert graphs[1] == graphs[3]
+    assert trace_cache.trace_key(graphs[0], DEFAULT_OPSET, torch.float32) == trace_cache.trace_key(graphs[2], DEFAULT_OPSET, torch.float32)
 
 
 def test_unbound_weight_is_refused(traces):
@@ -95,3 +117,46 @@ def test_unbound_weight_is_refused(traces):
     fake_mode, fake = fake_model(cfg, torch.float32)
     with pytest.raises(RuntimeError, match="has no weight in the source"):
         export_graph(VisionEncoderGraph(fake), DEFAULT_OPSET, source, torch.float32, fake_mode)
+
+
+def test_concurrent_exports_of_one_geometry_trace_once(traces):
+    """A second export that misses the cache while the first is tracing the same key waits for the
+    first's entry instead of tracing again."""
+    import threading
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    folder, _ = traces
+    _, fake = fake_model(PaliGemmaConfig.from_preset("paligemma-tiny"), torch.float32)
+    graph = VisionEncoderGraph(fake)
+    started, second_calling = threading.Event(), threading.Event()
+    calls = []
+
+    def trace():  # stands in for torch.onnx.export: the first call holds on until the second export has started
+        calls.append(threading.current_thread().name)
+        started.set()
+        if len(calls) == 1:
+            second_calling.wait(timeout=30)
+            threading.Event().wait(0.5)  # let the second reach the cache
+        vi = helper.make_tensor_value_info
+        g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [vi("x", TensorProto.FLOAT, [1])], [vi("y", TensorProto.FLOAT, [1])])
+        return onnx_ir.from_proto(helper.make_model(g))
+
+    results = {}
+
+    def export(name):
+        results[name] = trace_cache.traced(graph, DEFAULT_OPSET, torch.float32, trace)
+
+    first = threading.Thread(target=export, args=("first",), name="first")
+    first.start()
+    assert started.wait(timeout=30)
+    second = threading.Thread(target=export, args=("second",), name="second")
+    second.start()
+    second_calling.set()
+    first.join(60)
+    second.join(60)
+    assert calls == ["first"]
+    assert onnx.printer.to_text(onnx_ir.to_proto(results["first"])) == onnx.printer.to_text(onnx_ir.to_proto(results["second"]))
+    assert len(list(folder.glob("*.onnx"))) == 1
