@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model folder (default: pgexport/assets/demo)")
     ap.add_argument("--images", type=int, default=DEMO_EVAL_IMAGES,
-                    help=f"test images (4-5 examples each; default {DEMO_EVAL_IMAGES}, as the gates of tests/test_quantize.py)")
+                    help=f"test images (4-5 examples each; default {DEMO_EVAL_IMAGES}, as the gates of tests/test_demo_quantization.py)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
     ap.add_argument("--batch-sizes", default="64",

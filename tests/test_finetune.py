@@ -365,7 +365,7 @@ def test_demo_model_reaches_its_stated_accuracy_on_a_fresh_test_set(demo_fresh_m
 def test_demo_model_meets_its_targets(demo_fresh_metrics):
     """The demo model's targets: >= 95% exact match on captions and on question answering (colour,
     count and position questions pooled), mean detection IoU >= 0.7, and at most 2% of the detect
-    prompts for absent shapes answered with a box (on 500 images: tests/test_quantize.py)."""
+    prompts for absent shapes answered with a box (on 500 images: tests/test_demo_quantization.py)."""
     metrics, counts, wrong = demo_fresh_metrics
     assert metrics["caption"] >= 0.95, (metrics, wrong)
     questions = ("color", "count", "position")

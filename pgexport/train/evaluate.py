@@ -5,7 +5,7 @@
     {'caption': 0.98, ..., 'exact_match': 0.95, 'detect_iou': 0.81, 'detect_recall': 0.97, 'detect_fp_rate': 0.0}
 
 `records` are `pgexport.train.dataset.Example`s (e.g. `read_jsonl("shapes/test.jsonl")`). Used by
-`benchmarks/eval_quant_demo.py` and the demo-model gates of `tests/test_quantize.py`.
+`benchmarks/eval_quant_demo.py` and the demo-model gates of `tests/test_demo_quantization.py`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 from pgexport.runtime.quality import logit_quality
 from pgexport.train.dataset import task_metrics
 
-# The demo-model gates' test set (tests/test_quantize.py, benchmarks/eval_quant_demo.py): the
+# The demo-model gates' test set (tests/test_demo_quantization.py, benchmarks/eval_quant_demo.py): the
 # shapes dataset of this seed, as many images. Its first 100 are the demo's held-out set
 # (examples/train_demo.py); 500 give 1941 exact-match answers, so one flipped answer is 0.05
 # points (on 100 images it is 0.26, and a 0.5-point gate is two answers).
