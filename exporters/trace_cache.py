@@ -88,10 +88,12 @@ def _read(path: Path) -> ir.Model | None:
 
 @contextlib.contextmanager
 def _locked(path: Path):
-    """An exclusive lock on `path`'s `.lock` file where the OS has flock (else nothing)."""
+    """An exclusive lock on a hidden `.KEY.lock` file beside entry `path` where the OS has flock
+    (else nothing). Lock files stay: removing one while another process waits on it would let a
+    third take a new one."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(path.parent / f".{path.stem}.lock", os.O_RDWR | os.O_CREAT, 0o666)
     except OSError:
         fd = None
     if fd is None or fcntl is None:
