@@ -126,8 +126,8 @@ def code_digest() -> str:
     """Digest of the Python source of the model and exporter packages (any edit retraces)."""
     h = hashlib.sha256()
     for folder in (Path(pgexport.models.__file__).parent, Path(__file__).parent):
-        for f in sorted(folder.glob("*.py")):
-            h.update(f.name.encode() + b"\0" + f.read_bytes())
+        for f in sorted(folder.rglob("*.py")):
+            h.update(f.relative_to(folder).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
 
 
