@@ -135,17 +135,13 @@ def evaluate_variant(folder: Path, model, processor, records, reference: list, b
     from pgexport.exporters.quantize import folder_model_bytes
     from pgexport.exporters.validate import logit_quality, validate_export
     from pgexport.runtime import OnnxPaliGemma
-    from pgexport.train.evaluate import task_accuracy, teacher_forced_logits
+    from pgexport.train.evaluate import paired_steps, task_accuracy, teacher_forced_logits
 
     t = time.time()
     report = validate_export(folder, model, processor, threads=threads, write=False)
     rt = OnnxPaliGemma(folder, threads=threads)
     got = teacher_forced_logits(rt.stepper(), processor, records, model.cfg.eos_token_id, model.cfg.pad_token_id)
-    ref_l, got_l, act = [], [], []
-    for (rl, ra), (gl, _) in zip(reference, got):
-        ref_l += rl
-        got_l += gl
-        act += ra
+    ref_l, got_l, act = paired_steps(reference, got)
     quality = logit_quality(ref_l, got_l, act)
     quality["disagreements"] = disagreements(ref_l, got_l, act, processor)
     by_batch = {b: task_accuracy(rt, records, batch_size=b) for b in batch_sizes}

@@ -94,16 +94,17 @@ def test_vision_trace_is_shared_across_decoders(traces, monkeypatch):
     monkeypatch.setenv(trace_cache.ENV_SWITCH, "0")
     pg1, pg2 = PaliGemmaConfig.from_preset("paligemma-tiny"), PaliGemmaConfig.from_preset("paligemma2-tiny")
     assert pg1.vision == pg2.vision and pg1.text != pg2.text
-    graphs = []
+    wrappers, traces_bytes = [], []
     for cfg in (pg1, pg2):
         fake_mode, fake = fake_model(cfg, torch.float32)
         graph = VisionEncoderGraph(fake).eval()
-        graphs.append(graph)
         fresh = trace_cache.traced(graph, DEFAULT_OPSET, torch.float32,
                                    lambda g=graph, m=fake_mode: onnx_export.trace_graph(g, DEFAULT_OPSET, m))
-        graphs.append(onnx_ir.to_proto(fresh).SerializeToString())
-    assert graphs[1] == graphs[3]
-    assert trace_cache.trace_key(graphs[0], DEFAULT_OPSET, torch.float32) == trace_cache.trace_key(graphs[2], DEFAULT_OPSET, torch.float32)
+        wrappers.append(graph)
+        traces_bytes.append(onnx_ir.to_proto(fresh).SerializeToString())
+    assert traces_bytes[0] == traces_bytes[1]
+    keys = [trace_cache.trace_key(g, DEFAULT_OPSET, torch.float32) for g in wrappers]
+    assert keys[0] == keys[1]
 
 
 def test_unbound_weight_is_refused(traces):

@@ -71,9 +71,15 @@ def teacher_forced_agreement(reference_stepper, stepper, processor, records, eos
     """
     ref = reference if reference is not None else teacher_forced_logits(reference_stepper, processor, records, eos, pad)
     got = teacher_forced_logits(stepper, processor, records, eos, pad)
+    return logit_quality(*paired_steps(ref, got))
+
+
+def paired_steps(reference: list, got: list) -> tuple[list, list, list]:
+    """Two `teacher_forced_logits` results on the same records, flattened to the per-step lists
+    `logit_quality` takes: (reference logits, logits, active rows)."""
     ref_l, got_l, act = [], [], []
-    for (rl, ra), (gl, _) in zip(ref, got):
+    for (rl, ra), (gl, _) in zip(reference, got):
         ref_l += rl
         got_l += gl
         act += ra
-    return logit_quality(ref_l, got_l, act)
+    return ref_l, got_l, act
