@@ -214,6 +214,16 @@ class OnnxPaliGemma:
                 raise PgExportError(f"{tok_path}: {name} is id {got} but pgexport.json says {want}; "
                                     "the tokenizer does not belong to this export, re-export the folder")
 
+    @property
+    def cache_dtype(self):
+        """numpy dtype of the KV cache (the weights' dtype: float16 in an fp16 export)."""
+        return self._past_dtype
+
+    @property
+    def features_dtype(self):
+        """numpy dtype of `image_features`."""
+        return self._features_dtype
+
     # ------------------------------------------------------------------ sessions
     def _providers(self):
         if self.provider == "cuda":
