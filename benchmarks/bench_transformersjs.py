@@ -4,7 +4,7 @@
     python benchmarks/bench_transformersjs.py --models demo 3b-2l  # + the 3B geometry, 2 decoder / 2 SigLIP layers
 
 Each model is exported once with every precision side by side, then each precision runs in Node
-with `@huggingface/transformers` (tests/js, installed by .ci/run) through `tests/js/generate.mjs`:
+with `@huggingface/transformers` (tests/js, installed by its test on first use) through `tests/js/generate.mjs`:
 its processor, `PaliGemmaForConditionalGeneration` and greedy `generate` on the bundled sample
 image and "caption en", `--new-tokens` tokens, one warm-up then `--repeats` timed runs (median).
 Reported per precision: the bytes of the three graphs and their data files, the load time, the

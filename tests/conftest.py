@@ -35,6 +35,8 @@ from pgexport.api import export
 from pgexport.models import PaliGemmaConfig
 from pgexport.models.checkpoint import load_checkpoint
 
+from js_packages import install_npm_packages
+
 NEWLINE_ID = 108  # Gemma's "\n", ends every PaliGemma prompt
 
 # ----------------------------------------------------------------------------- configs
@@ -277,6 +279,14 @@ def demo_export(tmp_path_factory) -> Path:
         if not (out / "pgexport.json").is_file():
             export(None, out, validate=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def npm_packages() -> Callable[[Path], bool]:
+    """Factory: `npm_packages(folder)` installs folder's npm packages from its package-lock.json on
+    first use (once per checkout, shared by the pytest-xdist workers; see js_packages.py). The
+    test skips where node / npm are missing or the npm registry is unreachable."""
+    return install_npm_packages
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,7 +1,8 @@
 """examples/node: the export run from Node (onnxruntime-node + @huggingface/tokenizers) gives the
 Python runtime's tokens and text; its image preprocessing gives pgexport's pixels.
 
-Needs `node` and `npm ci --prefix examples/node` (.ci/run does it); skipped where node is missing.
+Needs `node` and `npm`: examples/node's npm packages are installed from its lock file on first use;
+skipped where node or npm is missing or the npm registry is unreachable.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ pytestmark = pytest.mark.skipif(shutil.which("node") is None, reason="node is no
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _packages():
-    assert (NODE_DIR / "node_modules" / "onnxruntime-node").is_dir(), f"run: npm ci --prefix {NODE_DIR}"
+def _packages(npm_packages):
+    npm_packages(NODE_DIR)
 
 
 def run_node(export_dir: Path, image: Path, prompt: str) -> dict:

@@ -1,8 +1,8 @@
 """`pgexport onnx --layout transformers.js`: transformers.js 4.x (Node) generates what pgexport does.
 
 Exports of a PaliGemma 1 and a PaliGemma 2 test checkpoint (fp32 and int4 side by side) are run by
-`tests/js/generate.mjs` with `@huggingface/transformers` (pinned in tests/js/package.json, installed
-by .ci/run into tests/js/node_modules): its own processor, model class and greedy `generate`, on
+`tests/js/generate.mjs` with `@huggingface/transformers` (pinned by tests/js/package-lock.json, installed
+into tests/js/node_modules on first use): its own processor, model class and greedy `generate`, on
 one prompt and on a batch of two prompts of different lengths (padded). The token ids must equal
 those of the Python ONNX runtime on the default export of the same checkpoint and precision, fed
 the same ids and image. The transformers.js graphs are also checked against eager PyTorch with
@@ -79,8 +79,6 @@ def exported(checkpoints, tmp_path_factory):
 
 
 def _node_generate(folder: Path, dtype: str, image: Path, prompts: list[str]) -> dict:
-    if not (JS_DIR / "node_modules" / "@huggingface" / "transformers").is_dir():
-        pytest.fail("tests/js/node_modules is missing: run `npm ci --ignore-scripts` in tests/js (.ci/run does)")
     args = {"model": str(folder), "dtype": dtype, "images": [str(image)] * len(prompts), "prompts": prompts,
             "max_new_tokens": NEW_TOKENS}
     run = subprocess.run([NODE, "generate.mjs", json.dumps(args)], cwd=JS_DIR, capture_output=True, text=True,
@@ -99,7 +97,8 @@ def _until_eos(rows, eos: int) -> list[list[int]]:
 
 @pytest.mark.parametrize("name", ["pg1", "pg2"])
 @pytest.mark.parametrize("quant,dtype", [("fp32", "fp32"), ("int4", "q4")])
-def test_transformersjs_generates_what_pgexport_generates(exported, name, quant, dtype):
+def test_transformersjs_generates_what_pgexport_generates(npm_packages, exported, name, quant, dtype):
+    npm_packages(JS_DIR)
     ck, tjs, default, image = exported(name)
     proc = _processor(ck.cfg)
     for prompts in (PROMPTS[:1], PROMPTS):

@@ -1,8 +1,9 @@
 """`pgexport demo-web`: the demo page runs the model in headless Chromium (onnxruntime-web) and
 shows the Python runtime's answers, with the detected boxes drawn on the image.
 
-Needs `node`, Debian's `chromium` and `npm ci --prefix examples/web` (.ci/run installs them);
-the browser test is skipped where node or chromium is missing.
+Needs `node`, `npm` and Debian's `chromium` (.ci/run installs it); examples/web's npm packages are
+installed from its lock file on first use. The tests that need them skip where node or npm is
+missing or the npm registry is unreachable; the browser test also where chromium is missing.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def canvas_pixels(data_url: str) -> np.ndarray:
 
 
 @pytest.mark.skipif(shutil.which("node") is None or CHROMIUM is None, reason="needs node and chromium (apt-get install chromium)")
-def test_page_answers_like_the_python_runtime_and_draws_boxes(demo_export, tmp_path):
-    assert (WEB_DIR / "node_modules" / "playwright-core").is_dir(), f"run: npm ci --prefix {WEB_DIR}"
+def test_page_answers_like_the_python_runtime_and_draws_boxes(npm_packages, demo_export, tmp_path):
+    npm_packages(WEB_DIR)
     # The Python runtime's answers: a caption, and a detection on a sample where it finds something.
     with OnnxPaliGemma(demo_export) as model:
         answers = {(s.name, p): model.generate([Image.open(s)], [p], MAX_NEW_TOKENS)[0]
@@ -95,9 +96,8 @@ def test_demo_web_reports_a_bad_model_in_one_line(tmp_path):
     assert err.count("\n") == 1 and err.startswith("error: ") and "pgexport.json" in err
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="needs node (for the page's npm packages)")
-def test_demo_web_reports_a_busy_port_in_one_line(demo_export):
-    assert (WEB_DIR / "node_modules" / "onnxruntime-web").is_dir(), f"run: npm ci --prefix {WEB_DIR}"
+def test_demo_web_reports_a_busy_port_in_one_line(npm_packages, demo_export):
+    npm_packages(WEB_DIR)  # demo-web checks for them before it listens
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
