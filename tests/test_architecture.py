@@ -1,7 +1,7 @@
 """The layers of the package, checked on its source: which module may import which.
 
     models/ (pgexport.models)      stdlib, torch, numpy, safetensors, pgexport.errors, pgexport.vocab
-    torch-free core                errors, vocab, files, bundled, machine, runtime.*, processing.*:
+    torch-free core                errors, vocab, files, bundled, machine, runtime.*, processing.*, engine.*:
                                    no torch, models, exporters, eager, train, bench, api, cli
     pgexport.exporters             no api, cli, eager, train, bench
     pgexport.bench                 imported by pgexport.cli only
@@ -29,7 +29,7 @@ PACKAGE_DIRS = {"pgexport": "pgexport", "models": "pgexport.models", "exporters"
 
 MODELS_MAY_IMPORT = ("torch", "numpy", "safetensors", "pgexport.errors", "pgexport.vocab", "pgexport.models")
 CORE = ("pgexport.errors", "pgexport.vocab", "pgexport.files", "pgexport.bundled", "pgexport.machine",
-        "pgexport.runtime", "pgexport.processing")
+        "pgexport.runtime", "pgexport.processing", "pgexport.engine")
 APP = ("pgexport.eager", "pgexport.train", "pgexport.bench", "pgexport.batch", "pgexport.api", "pgexport.cli")
 CORE_MUST_NOT_IMPORT = ("torch", "pgexport.models", "pgexport.exporters", *APP)
 EXPORTERS_MUST_NOT_IMPORT = APP

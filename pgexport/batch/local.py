@@ -1,4 +1,4 @@
-"""The local engine: batches through ONNX Runtime in this process.
+"""The local engine: a continuous-batching `Engine` (pgexport.engine) in this process.
 
 With `workers` > 1 each worker thread holds its own `Predictor` (its own sessions, `threads`
 intra-op threads each), the way each Ray actor does; ONNX Runtime releases the GIL while it
@@ -24,11 +24,14 @@ def run_local(export_dir: str, items: list[Item], on_rows: Callable[[list[dict]]
               workers: int = 1, threads: int | None = None, max_new_tokens: int = 32, provider: str = "cpu") -> None:
     """Run every item; `on_rows` gets each batch's rows as soon as the batch is done (in this thread)."""
     if workers == 1:
-        predictor = Predictor(export_dir, max_new_tokens, provider, threads)
-        for batch in batches(items, batch_size):
-            on_rows(predictor(batch))
+        predictor = Predictor(export_dir, max_new_tokens, provider, threads, batch_size)
+        try:
+            for rows in predictor.run(items):
+                on_rows(rows)
+        finally:
+            predictor.close()
         return
-    predictors = [Predictor(export_dir, max_new_tokens, provider, threads) for _ in range(workers)]
+    predictors = [Predictor(export_dir, max_new_tokens, provider, threads, batch_size) for _ in range(workers)]
     free = list(range(workers))
     pending: dict = {}
     todo = iter(batches(items, batch_size))

@@ -4,7 +4,7 @@
 
 The items (ids, prompts, image paths; image bytes for a Parquet input that holds them) become a
 Ray dataset; `workers` actors each load the export once and run the same `Predictor` as the local
-engine, so the rows are the same; on CUDA each actor takes a GPU. The result rows stream back to
+engine (each with its own continuous-batching engine), so the rows are the same; on CUDA each actor takes a GPU. The result rows stream back to
 the driver, which writes them in chunks like the local engine (they are small: text and boxes),
 so `--resume` and the output file work the same way. `address` joins a running cluster
 (`ray start --head` on one machine, `ray start --address ...` on the others); there the export
@@ -30,8 +30,8 @@ from pgexport.errors import PgExportError
 class RayPredictor:
     """The actor class: a `Predictor` built once per actor, called on each batch of the dataset."""
 
-    def __init__(self, export_dir: str, max_new_tokens: int, provider: str, threads: int | None):
-        self.predictor = Predictor(export_dir, max_new_tokens, provider, threads)
+    def __init__(self, export_dir: str, max_new_tokens: int, provider: str, threads: int | None, batch_size: int):
+        self.predictor = Predictor(export_dir, max_new_tokens, provider, threads, batch_size)  # one engine per actor
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [Item(**json.loads(meta), data=data if data else None) for meta, data in zip(batch["item"], batch["data"])]
@@ -75,7 +75,7 @@ def run_ray(export_dir: str, items: list[Item], on_rows: Callable[[list[dict]], 
             RayPredictor, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=threads or 1, num_gpus=1 if provider == "cuda" else 0,
             fn_constructor_kwargs={"export_dir": str(export_dir), "max_new_tokens": max_new_tokens,
-                                   "provider": provider, "threads": threads})
+                                   "provider": provider, "threads": threads, "batch_size": batch_size})
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             on_rows([json.loads(text) for text in batch["row"]])
     finally:

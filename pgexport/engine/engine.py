@@ -58,6 +58,7 @@ class EngineStats:
     compactions: int = 0
     graph_seconds: float = 0.0  # inside ONNX Runtime (vision, prefill, decode)
     loop_seconds: float = 0.0  # the loop's busy time, graph calls included
+    step_log: list | None = None  # with Engine(record_steps=True): (rows, step seconds, graph seconds) per decode step
 
 
 class _Live:
@@ -82,10 +83,11 @@ class Engine:
             length lets new requests join while old ones finish; capped at the model's context).
         max_new_tokens: the cap (and default) for a request's max_new_tokens.
         max_queue: waiting requests at most (None: unbounded); `submit` raises `QueueFull` beyond.
+        record_steps: keep every decode step's rows and times in `stats.step_log` (benchmarks).
     """
 
     def __init__(self, model: OnnxPaliGemma, max_batch: int = 8, max_len: int | None = None,
-                 max_new_tokens: int = 128, max_queue: int | None = None):
+                 max_new_tokens: int = 128, max_queue: int | None = None, record_steps: bool = False):
         if max_batch < 1:
             raise PgExportError(f"max_batch must be >= 1, got {max_batch}")
         if max_new_tokens < 1:
@@ -112,7 +114,7 @@ class Engine:
             warnings.warn(self.note, stacklevel=2)
         else:
             self.rows = KVRows(2 * m.num_layers, max_batch, m.num_kv_heads, max_len, m.head_dim, model.cache_dtype)
-        self.stats = EngineStats()
+        self.stats = EngineStats(step_log=[] if record_steps else None)
         self._live: list[_Live] = []  # row i holds self._live[i]
         self._waiting: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
@@ -232,6 +234,7 @@ class Engine:
         if not self._live:
             return
         n = len(self._live)
+        s0 = time.perf_counter()
         if rows.write_slot >= rows.max_len:
             rows.compact()
             self.stats.compactions += 1
@@ -243,11 +246,14 @@ class Engine:
                 "attention_mask": rows.mask[:n], "cache_position": np.array([t], np.int64)}
         g0 = time.perf_counter()
         logits = self.model.run_in_place(feed, rows.views(0, n))
-        self.stats.graph_seconds += time.perf_counter() - g0
+        graph = time.perf_counter() - g0
+        self.stats.graph_seconds += graph
         rows.write_slot += 1
         self.stats.steps += 1
         self.stats.decode_rows += n
         self._emit(logits)
+        if self.stats.step_log is not None:
+            self.stats.step_log.append((n, time.perf_counter() - s0, graph))
 
     def _admit(self, joiners: list[Request]) -> None:
         """Prefill `joiners` into rows n.. n+k-1, their prompts ending at the write slot."""
