@@ -163,7 +163,8 @@ def measure(folder: Path, args) -> dict:
             stats = extra[0].stats
             full = [(s, g) for n, s, g in stats.step_log if n == args.rows]
             row.update(steps=stats.steps, mean_rows=stats.decode_rows / max(stats.steps, 1), prefills=stats.prefills,
-                       compactions=stats.compactions, full_steps=len(full),
+                       compactions=stats.compactions, compaction_seconds=stats.compaction_seconds,
+                       full_steps=len(full),
                        full_step_ms=1e3 * float(np.median([s for s, _ in full])) if full else None,
                        full_step_graph_ms=1e3 * float(np.median([g for _, g in full])) if full else None,
                        overhead_ms_per_step=1e3 * float(np.median([s - g for s, g in full])) if full else None,
@@ -220,7 +221,9 @@ def report(result: dict, command: str) -> str:
                       f"and the engine {e['overhead_ms_per_step']:.2f} ms. Raw loop of the same steps: {raw:.1f} ms, so "
                       f"the engine's decode tokens/s are {raw / e['full_step_ms']:.1%} of the raw ceiling.",
                       f"Engine loop time outside ONNX Runtime (prefill admission included): "
-                      f"{e['loop_outside_graph_fraction']:.1%}; compactions: {e['compactions']}; prefill calls: {e['prefills']}."]
+                      f"{e['loop_outside_graph_fraction']:.1%}; compactions: {e['compactions']}, moving rows took "
+                      f"{e['compaction_seconds']:.2f} s ({e['compaction_seconds'] / e['seconds']:.2%} of the run); "
+                      f"prefill calls: {e['prefills']}."]
         lines.append("")
     if result.get("soak"):
         s = result["soak"]

@@ -56,6 +56,7 @@ class EngineStats:
     decode_rows: int = 0  # rows summed over decode steps (/ steps = mean batch)
     prefills: int = 0  # prefill calls (each admits one or more requests)
     compactions: int = 0
+    compaction_seconds: float = 0.0  # moving rows left (KVRows.compact) and right (to admit a longer prompt)
     graph_seconds: float = 0.0  # inside ONNX Runtime (vision, prefill, decode)
     loop_seconds: float = 0.0  # the loop's busy time, graph calls included
     step_log: list | None = None  # with Engine(record_steps=True): (rows, step seconds, graph seconds) per decode step
@@ -236,8 +237,10 @@ class Engine:
         n = len(self._live)
         s0 = time.perf_counter()
         if rows.write_slot >= rows.max_len:
+            c0 = time.perf_counter()
             rows.compact()
             self.stats.compactions += 1
+            self.stats.compaction_seconds += time.perf_counter() - c0
         t = rows.write_slot
         rows.mask[:n, t] = 1
         feed = {"input_ids": np.array([[live.next_token] for live in self._live], np.int64),
@@ -262,7 +265,9 @@ class Engine:
         if not n:
             rows.write_slot = longest
         elif rows.write_slot < longest:
+            c0 = time.perf_counter()
             rows.shift(longest - rows.write_slot)  # fits: a prompt is shorter than max_len
+            self.stats.compaction_seconds += time.perf_counter() - c0
         t = rows.write_slot
         ids = np.full((k, longest), self.manifest.pad_token_id, np.int64)  # [k, longest], left padding
         rows.mask[n:n + k] = 0
