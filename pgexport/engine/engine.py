@@ -59,7 +59,7 @@ class EngineStats:
     compaction_seconds: float = 0.0  # moving rows left (KVRows.compact) and right (to admit a longer prompt)
     graph_seconds: float = 0.0  # inside ONNX Runtime (vision, prefill, decode)
     loop_seconds: float = 0.0  # the loop's busy time, graph calls included
-    step_log: list | None = None  # with Engine(record_steps=True): (rows, step seconds, graph seconds) per decode step
+    step_log: list | None = None  # with Engine(record_steps=True): (rows, step, graph, token choice + hand-out seconds) per decode step
 
 
 class _Live:
@@ -254,9 +254,11 @@ class Engine:
         rows.write_slot += 1
         self.stats.steps += 1
         self.stats.decode_rows += n
+        e0 = time.perf_counter()
         self._emit(logits)
         if self.stats.step_log is not None:
-            self.stats.step_log.append((n, time.perf_counter() - s0, graph))
+            end = time.perf_counter()
+            self.stats.step_log.append((n, end - s0, graph, end - e0))
 
     def _admit(self, joiners: list[Request]) -> None:
         """Prefill `joiners` into rows n.. n+k-1, their prompts ending at the write slot."""
