@@ -175,6 +175,8 @@ def main(argv=None) -> int:
                     help="stage 1 steps with the pretrained tower fixed (the decoder learns to read it)")
     ap.add_argument("--stage2-lr", type=float, default=1e-3, help="peak lr of stage 2 (everything trains)")
     ap.add_argument("--vision-lr-scale", type=float, default=0.3, help="the tower's lr in stage 2, relative to --stage2-lr")
+    ap.add_argument("--freeze-vision", action="store_true",
+                    help="with --from: keep the SigLIP tower fixed (the projector and decoder train)")
     ap.add_argument("--from", dest="from_model", default=None, metavar="MODEL_DIR",
                     help="continue from this trained model (stage 2 only: --steps at --stage2-lr) instead of "
                          "training from scratch")
@@ -206,7 +208,8 @@ def main(argv=None) -> int:
     # Stage 1 (frozen tower) then stage 2 (everything, the tower at a lower lr): the same recipe
     # as `pgexport finetune`, run twice, each with its own warm-up and cosine decay.
     stages = [("stage 1: decoder reads the fixed tower", args.frozen_steps, args.lr, True, 0),
-              ("stage 2: everything trains", args.steps, args.stage2_lr, False, 1)]
+              ("stage 2: everything trains" if not args.freeze_vision else "stage 2: the tower fixed",
+               args.steps, args.stage2_lr, args.freeze_vision, 1)]
     for name, steps, lr, frozen, seed_offset in stages:
         if not steps:
             continue
@@ -216,7 +219,7 @@ def main(argv=None) -> int:
                           group_by_image=bool(args.group_by_image), freeze_vision=frozen,
                           vision_lr_scale=args.vision_lr_scale, eval_every=max(steps // 4, 1), eval_examples=150,
                           max_new_tokens=40, device=args.device, bf16=None if args.bf16 is None else bool(args.bf16))
-        model = finetune(model, data / "train.jsonl", work / ("run" if not frozen else "run-frozen"),
+        model = finetune(model, data / "train.jsonl", work / ("run-frozen" if seed_offset == 0 else "run"),
                          val_data=data / "val.jsonl", processor=processor, config=cfg)["model"]
     train_seconds, train_cpu_seconds = time.time() - t0, time.process_time() - cpu0
 
@@ -254,7 +257,7 @@ def main(argv=None) -> int:
                               if args.from_model and (Path(args.from_model) / "training.json").is_file() else None),
         "vision_pretrain_steps": args.vision_pretrain_steps, "frozen_steps": args.frozen_steps, "steps": args.steps,
         "batch_size": args.batch_size, "lr": args.lr, "stage2_lr": args.stage2_lr,
-        "vision_lr_scale": args.vision_lr_scale, "train_images": args.train_images,
+        "vision_lr_scale": args.vision_lr_scale, "freeze_vision": args.freeze_vision, "train_images": args.train_images,
         "train_examples": len(read_jsonl(data / "train.jsonl")), "train_minutes": round(train_seconds / 60, 1),
         "train_cpu_minutes": round(train_cpu_seconds / 60, 1),
         "vision_pretraining": stage0, "weights_dtype": args.dtype, "test_seed": TEST_SEED, "test_counts": counts,
