@@ -453,6 +453,36 @@ def test_sigterm_finishes_the_streams_in_flight_and_refuses_new_requests(demo_ex
             httpx.get(f"{served.url}/health", timeout=5)
 
 
+def test_health_is_503_while_a_checkpoint_is_exported_and_loaded(demo_export, tmp_path):
+    """`--model CHECKPOINT` (a copy of the demo checkpoint: a new cache entry) is exported in the
+    loading thread: meanwhile /health answers 503 and requests get 503 with Retry-After; then the
+    server is ready. (`demo_export` first: its traced graphs are in the run's cache.)"""
+    pytest.importorskip("torch")
+    checkpoint = shutil.copytree(DEMO_DIR, tmp_path / "demo-checkpoint")
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pgexport.cli", "serve", "--model", str(checkpoint),
+                                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+    served = Served(proc, port, log)
+    try:
+        first = None
+        while first is None:  # the first answer of /health, once the server listens
+            assert proc.poll() is None, served.log_tail()
+            with contextlib.suppress(httpx.ConnectError):
+                first = httpx.get(f"{served.url}/health", timeout=10)
+            time.sleep(0.05)
+        refused = httpx.post(f"{served.url}/v1/chat/completions", json=chat_body(), timeout=10)
+        served.wait_ready()
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    assert first.status_code == 503 and first.json() == {"status": "loading"}, served.log_tail()
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_loading"
+    assert refused.headers["retry-after"] == "1"
+    assert proc.returncode == 0, served.log_tail()
+
+
 # ----------------------------------------------------------------------------- command line
 def run_serve(*args: str, prelude: str = "") -> subprocess.CompletedProcess:
     """`pgexport serve ARGS` in a fresh interpreter (`prelude`: Python run before the CLI)."""

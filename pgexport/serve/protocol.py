@@ -57,9 +57,8 @@ class ApiError(Exception):
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     """`{"error": {"message", "type", "param", "code"}}`, as OpenAI answers."""
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error" if status >= 500
-                                                                  else "invalid_request_error"),
-                      "param": param, "code": code}}
+    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 @dataclass(frozen=True)
