@@ -16,7 +16,8 @@ data) every answer is exactly `--max-tokens` tokens, so the levels compare like 
 Measured by the client (asyncio + httpx, reading the server-sent events):
 * TTFT: sending the request -> the first chunk with text;
 * TPOT: per request, (E2EL - TTFT) / (output tokens - 1);
-* ITL: every gap between two consecutive chunks with text, pooled over the requests;
+* ITL: every gap between two consecutive chunks with text, pooled over the requests (a token
+  that prints nothing sends no chunk, so a gap may span several tokens);
 * E2EL: sending the request -> the last event;
 * requests/s and output tokens/s over the level's wall time; failed requests (any non-200,
   or a stream that ends without a finish reason).
@@ -267,7 +268,9 @@ def render(result: dict, command: str) -> str:
              f"{', '.join(repr(p) for p in PROMPTS)} and the {len(IMAGES)} bundled sample images. The client (asyncio "
              "+ httpx) runs on the same machine as the server. Latencies in ms, measured by the client: TTFT to the "
              "first chunk with text, TPOT = (E2EL - TTFT) / (tokens - 1) per request, ITL every gap between chunks "
-             "with text, E2EL to the end of the stream.", ""]
+             "with text, E2EL to the end of the stream. The server sends a chunk when a token adds text; tokens "
+             "that print nothing (special tokens, as a model writes after an ignored eos) add none, so an ITL gap "
+             "can span several tokens, and TPOT is the per-token figure.", ""]
     if "soak" in result:
         s = result["soak"]
         lines += [f"## Soak: concurrency 8, `--max-batch 8`, {result['soak_seconds']:.0f} s", "",
