@@ -512,6 +512,32 @@ def test_a_taken_port_is_a_one_line_error():
     assert run.returncode == 1 and run.stderr.strip().count("\n") == 0 and "pass a free --port" in run.stderr, run.stderr
 
 
+def test_requests_left_at_the_shutdown_timeout_end_with_a_shutting_down_error(demo_export, tmp_path):
+    """One row, four long streams, half a second to finish after SIGTERM: those still inside
+    then end with an error event the openai client raises, and the server exits 0."""
+    with serving(demo_export, tmp_path, "--max-batch", "1", "--max-new-tokens", str(CAP), "--threads", "1",
+                 "--shutdown-timeout", "0.5") as served:
+        streams = [long_stream(served.client()) for _ in range(4)]
+        outcomes: list[str | None] = [None] * len(streams)
+
+        def read(i):
+            try:
+                outcomes[i] = f"{list(streams[i])[-1].usage.completion_tokens} tokens"
+            except openai.APIError as e:
+                outcomes[i] = e.message
+
+        readers = [threading.Thread(target=read, args=(i,)) for i in range(len(streams))]
+        for t in readers:
+            t.start()
+        served.proc.send_signal(signal.SIGTERM)
+        assert served.proc.wait(60) == 0, served.log_tail()
+        for t in readers:
+            t.join(60)
+    cut = "the server is shutting down; the request was cancelled"
+    assert cut in outcomes and set(outcomes) <= {cut, f"{CAP} tokens"}, outcomes
+    assert "Traceback" not in served.log_tail()
+
+
 # ----------------------------------------------------------------------------- Ray Serve
 def test_ray_serve_two_replicas_answer_like_one_process(demo_export, model, tmp_path):
     pytest.importorskip("ray")

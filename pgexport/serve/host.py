@@ -43,6 +43,7 @@ class ModelHost:
         self.created = int(time.time())
         self.url: str | None = None  # where the server listens, for the "ready" line
         self._trackers: set[asyncio.Task] = set()
+        self._handles: set[Request] = set()  # the engine requests not finished yet
 
     # ------------------------------------------------------------------ loading
     def start(self, background: bool) -> None:
@@ -105,11 +106,20 @@ class ModelHost:
                 await handle.aresult()
                 on_done(handle)
             finally:
+                self._handles.discard(handle)
                 self.release()
+
+        self._handles.add(handle)
 
         task = asyncio.get_running_loop().create_task(wait())
         self._trackers.add(task)
         task.add_done_callback(self._trackers.discard)
+
+    def cancel_all(self) -> None:
+        """Cancel every request inside (the shutdown deadline): each ends with finish_reason
+        "cancelled", which its response reports as 503 (any thread may call this)."""
+        for handle in list(self._handles):
+            handle.cancel()
 
     def load_figures(self) -> tuple[int, int, int, int]:
         """(running, waiting, rows used, rows max) for the gauges."""

@@ -2,8 +2,8 @@
 
 On SIGTERM (or Ctrl-C) the server stops taking requests (the listening socket closes; a request
 already on an open connection gets 503), lets those inside finish for up to `shutdown_timeout`
-seconds, cancels what is left, stops the engine and returns; `pgexport serve` then exits 0.
-A second Ctrl-C stops at once.
+seconds, then cancels what is left (each gets a 503 error body, or an error event in its stream),
+stops the engine and returns; `pgexport serve` then exits 0. A second Ctrl-C stops at once.
 
     >>> run_server(ServeConfig(model="exports/pg-224", port=8000))  # doctest: +SKIP
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import signal
 import socket
 import sys
+import threading
 
 import uvicorn
 
@@ -22,17 +23,27 @@ from pgexport.serve.config import ServeConfig
 from pgexport.serve.host import ModelHost
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# uvicorn's own deadline comes this long after ours: by then our cancelled requests have sent
+# their 503s and closed; uvicorn's cancelling of the tasks is only the backstop.
+BACKSTOP_SECONDS = 10.0
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server, which also marks the host as draining the moment a stop signal arrives."""
+    """uvicorn's server, which also marks the host as draining the moment a stop signal arrives
+    and cancels the requests still inside `shutdown_timeout` seconds later."""
 
-    def __init__(self, config: uvicorn.Config, host: ModelHost):
+    def __init__(self, config: uvicorn.Config, host: ModelHost, shutdown_timeout: float):
         super().__init__(config)
-        self.host = host
+        self.host, self.shutdown_timeout = host, shutdown_timeout
 
     def handle_exit(self, sig, frame):
-        self.host.draining = True
+        if not self.host.draining:
+            self.host.draining = True
+            # A thread's timer: this runs inside a signal handler, where the event loop's state
+            # may be half-updated, so nothing is scheduled on the loop from here.
+            timer = threading.Timer(self.shutdown_timeout, self.host.cancel_all)
+            timer.daemon = True
+            timer.start()
         super().handle_exit(sig, frame)
 
 
@@ -56,7 +67,8 @@ def run_server(config: ServeConfig) -> None:
     host = ModelHost(config)
     app = build_app(config, host)
     server = DrainingServer(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                                           timeout_graceful_shutdown=config.shutdown_timeout), host)
+                                           timeout_graceful_shutdown=config.shutdown_timeout + BACKSTOP_SECONDS),
+                            host, config.shutdown_timeout)
 
     def failed(message: str) -> None:
         failures.append(message)
