@@ -403,7 +403,7 @@ def test_a_full_queue_answers_503_before_decoding_the_image(demo_export, tmp_pat
     with Retry-After, although its image is not even valid (it was never decoded)."""
     with serving(demo_export, tmp_path, "--max-batch", "1", "--max-queue", "1", "--max-new-tokens", str(CAP), "--threads", "1") as served:
         client = served.client()
-        for attempt in range(3):  # a loaded machine could finish the first stream before the probe
+        for _ in range(3):  # on a fast machine the first stream could end before the probe arrives
             streams = [long_stream(client), long_stream(client)]  # each returns once its headers came
             probe = httpx.post(f"{served.url}/v1/chat/completions", timeout=60,
                                json=chat_body(url="data:image/png;base64,bm90IGFuIGltYWdl"))
@@ -451,6 +451,32 @@ def test_sigterm_finishes_the_streams_in_flight_and_refuses_new_requests(demo_ex
         assert max(done for _, done in outcomes) > refused_at
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{served.url}/health", timeout=5)
+
+
+def test_requests_left_at_the_shutdown_timeout_end_with_a_shutting_down_error(demo_export, tmp_path):
+    """One row, four long streams, half a second to finish after SIGTERM: those still inside
+    then end with an error event the openai client raises, and the server exits 0."""
+    with serving(demo_export, tmp_path, "--max-batch", "1", "--max-new-tokens", str(CAP), "--threads", "1",
+                 "--shutdown-timeout", "0.5") as served:
+        streams = [long_stream(served.client()) for _ in range(4)]
+        outcomes: list[str | None] = [None] * len(streams)
+
+        def read(i):
+            try:
+                outcomes[i] = f"{list(streams[i])[-1].usage.completion_tokens} tokens"
+            except openai.APIError as e:
+                outcomes[i] = e.message
+
+        readers = [threading.Thread(target=read, args=(i,)) for i in range(len(streams))]
+        for t in readers:
+            t.start()
+        served.proc.send_signal(signal.SIGTERM)
+        assert served.proc.wait(60) == 0, served.log_tail()
+        for t in readers:
+            t.join(60)
+    cut = "the server is shutting down; the request was cancelled"
+    assert cut in outcomes and set(outcomes) <= {cut, f"{CAP} tokens"}, outcomes
+    assert "Traceback" not in served.log_tail()
 
 
 def test_health_is_503_while_a_checkpoint_is_exported_and_loaded(demo_export, tmp_path):
@@ -510,32 +536,6 @@ def test_a_taken_port_is_a_one_line_error():
         taken.listen()
         run = run_serve("--port", str(taken.getsockname()[1]))
     assert run.returncode == 1 and run.stderr.strip().count("\n") == 0 and "pass a free --port" in run.stderr, run.stderr
-
-
-def test_requests_left_at_the_shutdown_timeout_end_with_a_shutting_down_error(demo_export, tmp_path):
-    """One row, four long streams, half a second to finish after SIGTERM: those still inside
-    then end with an error event the openai client raises, and the server exits 0."""
-    with serving(demo_export, tmp_path, "--max-batch", "1", "--max-new-tokens", str(CAP), "--threads", "1",
-                 "--shutdown-timeout", "0.5") as served:
-        streams = [long_stream(served.client()) for _ in range(4)]
-        outcomes: list[str | None] = [None] * len(streams)
-
-        def read(i):
-            try:
-                outcomes[i] = f"{list(streams[i])[-1].usage.completion_tokens} tokens"
-            except openai.APIError as e:
-                outcomes[i] = e.message
-
-        readers = [threading.Thread(target=read, args=(i,)) for i in range(len(streams))]
-        for t in readers:
-            t.start()
-        served.proc.send_signal(signal.SIGTERM)
-        assert served.proc.wait(60) == 0, served.log_tail()
-        for t in readers:
-            t.join(60)
-    cut = "the server is shutting down; the request was cancelled"
-    assert cut in outcomes and set(outcomes) <= {cut, f"{CAP} tokens"}, outcomes
-    assert "Traceback" not in served.log_tail()
 
 
 # ----------------------------------------------------------------------------- Ray Serve

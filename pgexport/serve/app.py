@@ -105,6 +105,8 @@ def build_app(config: ServeConfig, host: ModelHost | None = None) -> Starlette:
             if host.draining:
                 raise ApiError(503, "the server is shutting down and takes no new requests", code="shutting_down",
                                headers=RETRY_AFTER) from None
+            # max_tokens was checked already, so the engine refuses a prompt that does not fit
+            # (its message names max_len) or one the processor cannot take.
             code = "context_length_exceeded" if "max_len" in str(e) else "invalid_value"
             raise ApiError(400, str(e), "messages[0].content", code) from None
         return image.size, handle
