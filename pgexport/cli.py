@@ -34,7 +34,9 @@ from pgexport.runtime.session import OnnxPaliGemma
 from pgexport.train.dataset import write_dataset
 
 # Commands that need PyTorch (the `export` extra) import the eager side inside the command, so
-# that `pgexport generate --backend onnx` and `pgexport inspect` run on the base install.
+# that `pgexport generate --backend onnx` and `pgexport inspect` run on the base install; `serve`
+# imports its HTTP stack (the `serve` extra) inside the command for the same reason.
+SERVE_PACKAGES = ("starlette", "uvicorn", "prometheus_client", "anyio")
 
 
 class _Group(click.Group):
@@ -53,6 +55,9 @@ class _Group(click.Group):
                 raise
             if e.name and e.name.split(".")[0] in ("torch", "onnxscript", "optimum", "sentencepiece"):
                 click.echo(f"error: this command needs {e.name}; install it with: pip install 'pgexport[export]'", err=True)
+                sys.exit(1)
+            if e.name and e.name.split(".")[0] in SERVE_PACKAGES:
+                click.echo(f"error: pgexport serve needs {e.name}; install it with: pip install 'pgexport[serve]'", err=True)
                 sys.exit(1)
             raise
         except KeyboardInterrupt:
@@ -584,6 +589,81 @@ def bench_command(model_spec, backends, provider, threads, images, new_tokens, r
                        plots=not no_plots, progress=lambda m: click.echo(m, err=True))
     rec = report["recommendation"]
     click.echo(f"recommended: {rec['backend'] or 'none'} ({rec['reason']}); report in {Path(out) / 'report.md'}")
+
+
+# ----------------------------------------------------------------------------- serve
+@main.command("serve", cls=_OneLineUsage)
+@click.option("--model", "model_spec", default=None,
+              help="Export folder, or a checkpoint folder / preset (exported once into a cache) "
+                   "(default: the built-in model).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; then set an API key).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on every /v1/* request.")
+@click.option("--api-key-file", default=None, type=click.Path(dir_okay=False),
+              help="Read the key from this file (keeps it out of the process list).")
+@click.option("--served-model-name", default=None,
+              help="The model id in /v1/models and requests' \"model\" (default: the --model folder's name).")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Requests decoded together.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=0),
+              help="Requests waiting for a row at most; beyond, 503 with Retry-After.")
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Cap (and default) of a request's max_tokens.")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="ONNX Runtime threads (default: every core).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--allowed-local-media-path", default=None, type=click.Path(file_okay=False, exists=True),
+              help="Accept file:// image URLs for files inside this folder (default: none).")
+@click.option("--max-image-mb", default=16.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="An image's encoded size at most (the request body may be 4/3 of it + 1 MiB).")
+@click.option("--max-image-pixels", default=40_000_000, show_default=True, type=click.IntRange(min=1),
+              help="An image's width x height at most (read from its header, before decoding).")
+@click.option("--shutdown-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0),
+              help="On SIGTERM: seconds the requests in flight may take before they are cancelled.")
+@click.option("--engine", "engine_kind", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process; ray: Ray Serve replicas, each with its own engine (pip install 'pgexport[ray]').")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1), help="--engine ray: replicas.")
+@click.option("--address", default=None, help="--engine ray: join this Ray cluster (e.g. auto).")
+def serve_command(model_spec, host, port, api_key, api_key_file, served_model_name, max_batch, max_queue,
+                  max_new_tokens, threads, provider, allowed_local_media_path, max_image_mb, max_image_pixels,
+                  shutdown_timeout, engine_kind, replicas, address):
+    """Serve the model over an OpenAI-compatible HTTP API (POST /v1/chat/completions).
+
+    A request is one user message with a text part (the task prompt) and an image_url part
+    (a data: URL); answers stream as server-sent events with stream=true, and `detect` answers
+    carry pixel boxes in choices[0].message.detections. GET /health (503 while loading),
+    GET /metrics (Prometheus), GET /v1/models. SIGTERM stops taking requests and lets those in
+    flight finish (--shutdown-timeout). See docs/serve.md.
+
+    \b
+    Example:
+      pgexport serve --model exports/pg-224 --max-batch 8 --api-key-file key.txt
+      curl -s http://127.0.0.1:8000/v1/chat/completions -H "Authorization: Bearer $(cat key.txt)" \\
+          -d '{"messages": [{"role": "user", "content": [{"type": "text", "text": "caption en"},
+               {"type": "image_url", "image_url": {"url": "data:image/png;base64,'"$(base64 -w0 cat.png)"'"}}]}]}'
+      pgexport serve --model exports/pg-224 --engine ray --replicas 4 --address auto --host 0.0.0.0
+    """
+    from pgexport.serve.auth import read_api_key
+    from pgexport.serve.config import MIB, ServeConfig
+    from pgexport.serve.server import run_server
+
+    if engine_kind != "ray" and (replicas != 1 or address):
+        raise click.UsageError("--replicas and --address apply to --engine ray")
+    key = read_api_key(api_key, api_key_file)
+    if key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"note: listening on {host} without --api-key: anyone who reaches this port can use the model",
+                   err=True)
+    config = ServeConfig(model=model_spec, model_name=served_model_name, host=host, port=port, api_key=key,
+                         max_batch=max_batch, max_queue=max_queue, max_new_tokens=max_new_tokens, threads=threads,
+                         provider=provider,
+                         allowed_media_path=Path(allowed_local_media_path).resolve() if allowed_local_media_path else None,
+                         shutdown_timeout=shutdown_timeout, max_image_bytes=int(max_image_mb * MIB),
+                         max_image_pixels=max_image_pixels)
+    if engine_kind == "ray":
+        from pgexport.serve.ray_app import run_ray_server
+
+        run_ray_server(config, replicas, address)
+    else:
+        run_server(config)
 
 
 # ----------------------------------------------------------------------------- demo-web

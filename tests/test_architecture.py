@@ -2,7 +2,7 @@
 
     models/ (pgexport.models)      stdlib, torch, numpy, safetensors, pgexport.errors, pgexport.vocab
     torch-free core                errors, vocab, files, bundled, machine, runtime.*, processing.*, engine.*:
-                                   no torch, models, exporters, eager, train, bench, api, cli
+                                   no torch, models, exporters, eager, train, bench, batch, serve, api, cli
     pgexport.exporters             no api, cli, eager, train, bench
     pgexport.bench                 imported by pgexport.cli only
 
@@ -30,7 +30,8 @@ PACKAGE_DIRS = {"pgexport": "pgexport", "models": "pgexport.models", "exporters"
 MODELS_MAY_IMPORT = ("torch", "numpy", "safetensors", "pgexport.errors", "pgexport.vocab", "pgexport.models")
 CORE = ("pgexport.errors", "pgexport.vocab", "pgexport.files", "pgexport.bundled", "pgexport.machine",
         "pgexport.runtime", "pgexport.processing", "pgexport.engine")
-APP = ("pgexport.eager", "pgexport.train", "pgexport.bench", "pgexport.batch", "pgexport.api", "pgexport.cli")
+APP = ("pgexport.eager", "pgexport.train", "pgexport.bench", "pgexport.batch", "pgexport.serve", "pgexport.api",
+       "pgexport.cli")
 CORE_MUST_NOT_IMPORT = ("torch", "pgexport.models", "pgexport.exporters", *APP)
 EXPORTERS_MUST_NOT_IMPORT = APP
 TOP_LEVEL_ONLY = ("numpy", "onnx", "onnxruntime")

@@ -17,6 +17,7 @@ import pytest
 
 pytest.importorskip("torch")
 
+from pgexport.bundled import SAMPLE_IMAGE  # noqa: E402
 from pgexport.engine import Engine, QueueFull  # noqa: E402
 from pgexport.engine.stops import StopText  # noqa: E402
 from pgexport.errors import PgExportError  # noqa: E402
@@ -221,3 +222,20 @@ def test_async_streams_read_the_same_chunks(exports):
         assert [c.token_id for c in chunks if c.token_id is not None] == result.token_ids
         assert "".join(c.text for c in chunks) == result.text
         assert result.token_ids == solo(model, ids, pixels, n, sampling)
+
+
+def test_ignore_eos_generates_max_new_tokens(demo_export):
+    """The demo model ends its caption with eos; with ignore_eos the row goes on to max_new_tokens,
+    its first tokens those of the answer alone, eos included."""
+    model = OnnxPaliGemma(demo_export, threads=1)
+    batch = model.processor(images=[SAMPLE_IMAGE], prompts=["caption en"])
+    ids, pixels = batch["input_ids"][0], batch["pixel_values"][0]
+    alone = solo(model, ids, pixels, 40, None)
+    assert len(alone) < 39
+    with Engine(model, max_batch=2, max_new_tokens=40) as engine:
+        normal = engine.submit_ids(ids, pixels, 40)
+        endless = engine.submit_ids(ids, pixels, 40, ignore_eos=True)
+        results = normal.result(timeout=60), endless.result(timeout=60)
+    assert results[0].token_ids == alone and results[0].finish_reason == "stop"
+    assert results[1].finish_reason == "length" and len(results[1].token_ids) == 40
+    assert results[1].token_ids[:len(alone) + 1] == alone + [model.manifest.eos_token_id]

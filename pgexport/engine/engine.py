@@ -140,18 +140,20 @@ class Engine:
         return not self._closing and (self.max_queue is None or len(self._waiting) < self.max_queue)
 
     def submit(self, image, prompt: str, max_new_tokens: int | None = None, sampling: Sampling | None = None,
-               stop: list[str] | str | None = None) -> Request:
+               stop: list[str] | str | None = None, ignore_eos: bool = False) -> Request:
         """Queue one image and prompt; returns its `Request` handle at once.
 
-        `image`: a path or a PIL image; `stop`: strings that end the answer (not included).
+        `image`: a path or a PIL image; `stop`: strings that end the answer (not included);
+        `ignore_eos`: generate exactly max_new_tokens (load tests fix the answer length this way).
 
         >>> handle = engine.submit("cat.jpg", "detect cat", max_new_tokens=16)  # doctest: +SKIP
         """
         batch = self.model.processor(images=[image], prompts=[prompt])
-        return self.submit_ids(batch["input_ids"][0], batch["pixel_values"][0], max_new_tokens, sampling, stop)
+        return self.submit_ids(batch["input_ids"][0], batch["pixel_values"][0], max_new_tokens, sampling, stop,
+                               ignore_eos)
 
     def submit_ids(self, input_ids, pixel_values, max_new_tokens: int | None = None, sampling: Sampling | None = None,
-                   stop: list[str] | str | None = None) -> Request:
+                   stop: list[str] | str | None = None, ignore_eos: bool = False) -> Request:
         """`submit` for a prompt the processor already built: `input_ids` `[L]` (with the
         `<image>` tokens, no padding) and `pixel_values` `[3, H, W]`."""
         max_new_tokens = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
@@ -164,7 +166,7 @@ class Engine:
                                 f"{self.max_len}; shorten the prompt or ask for fewer tokens")
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         request = Request(next(self._ids), ids, np.asarray(pixel_values, np.float32), max_new_tokens,
-                          sampling or Sampling(), stop)
+                          sampling or Sampling(), stop, ignore_eos)
         with self._cond:
             if self._closing:
                 raise PgExportError("the engine is shutting down; it takes no new requests")
@@ -310,7 +312,7 @@ class Engine:
             else:
                 token = int(greedy[j])
             request.timing.token_times.append(time.perf_counter())
-            if token == eos:
+            if token == eos and not request.ignore_eos:
                 tail = live.stops.feed(live.text.finish())[0] + live.stops.finish()
                 if tail:
                     request.push(Chunk(None, tail))

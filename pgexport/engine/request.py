@@ -62,7 +62,7 @@ class Request:
     """One submitted request (see the module docstring). Created by `Engine.submit`."""
 
     def __init__(self, request_id: int, input_ids: np.ndarray, pixel_values: np.ndarray, max_new_tokens: int,
-                 sampling: Sampling, stop: list[str]):
+                 sampling: Sampling, stop: list[str], ignore_eos: bool = False):
         self.id = request_id
         self.input_ids = input_ids  # [L] int64: the prompt with its <image> tokens
         self.pixel_values = pixel_values  # [3, H, W] float32
@@ -70,6 +70,7 @@ class Request:
         self.sampling = sampling
         self.rng = np.random.default_rng(sampling.seed)  # as `generate` seeds it for this request alone
         self.stop = stop
+        self.ignore_eos = ignore_eos  # eos is generated like any token: the answer is max_new_tokens long
         self.timing = Timing()
         self.cancelled = threading.Event()
         self._chunks: list[Chunk] = []
