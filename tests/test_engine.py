@@ -9,7 +9,6 @@ and transformers.
 from __future__ import annotations
 
 import random
-import threading
 import time
 
 import numpy as np
@@ -18,7 +17,7 @@ import pytest
 pytest.importorskip("torch")
 
 from pgexport.bundled import SAMPLE_IMAGE  # noqa: E402
-from pgexport.engine import Engine, QueueFull  # noqa: E402
+from pgexport.engine import Engine, PromptTooLong, QueueFull  # noqa: E402
 from pgexport.engine.stops import StopText  # noqa: E402
 from pgexport.errors import PgExportError  # noqa: E402
 from pgexport.exporters.pipeline import export_folder  # noqa: E402
@@ -168,22 +167,20 @@ def test_stop_text_holds_back_what_may_start_a_stop_string():
 def test_refusals_are_one_line(exports):
     model = exports("pg1")
     (ids, pixels, _, _), = requests(model, 1, seed=1)
-    with Engine(model, max_batch=1, max_len=len(ids) + 4, max_new_tokens=8, max_queue=1) as engine:
-        with pytest.raises(PgExportError, match="over the engine's max_len"):
-            engine.submit_ids(ids, pixels, 5)
-        with pytest.raises(PgExportError, match="takes 1 to 8"):
-            engine.submit_ids(ids, pixels, 9)
-        blocker = threading.Event()
-        first = engine.submit_ids(ids, pixels, 4)
-        second = engine.submit_ids(ids, pixels, 4) if engine.waiting == 0 else None
-        # The queue holds one: submitting while one waits is refused with QueueFull.
-        if engine.waiting == 1:
-            with pytest.raises(QueueFull, match="max_queue=1"):
-                engine.submit_ids(ids, pixels, 4)
-        blocker.set()
-        for handle in (first, second):
-            if handle is not None:
-                handle.result(timeout=60)
+    with Engine(model, max_batch=1, max_len=len(ids) + 200, max_new_tokens=200, max_queue=1) as engine:
+        with pytest.raises(PromptTooLong, match="over the engine's max_len"):
+            engine.submit_ids(np.concatenate([ids, ids[-5:]]), pixels, 197)
+        with pytest.raises(PgExportError, match="takes 1 to 200"):
+            engine.submit_ids(ids, pixels, 201)
+        busy = engine.submit_ids(ids, pixels, 200, ignore_eos=True)  # holds the only row for 200 steps
+        next(iter(busy.stream(timeout=60)))  # admitted: it has its first token
+        queued = engine.submit_ids(ids, pixels, 4)
+        assert engine.waiting == 1
+        with pytest.raises(QueueFull, match="max_queue=1"):
+            engine.submit_ids(ids, pixels, 4)
+        busy.cancel()
+        assert busy.result(timeout=60).finish_reason == "cancelled"
+        assert queued.result(timeout=60).finish_reason in ("stop", "length")
 
 
 def test_folders_without_the_single_decoder_fall_back_to_static_batches(exports):

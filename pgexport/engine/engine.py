@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pgexport.engine.kv_rows import KVRows
-from pgexport.engine.request import Chunk, QueueFull, Request, Result
+from pgexport.engine.request import Chunk, PromptTooLong, QueueFull, Request, Result
 from pgexport.engine.stops import StopText
 from pgexport.errors import PgExportError, one_line
 from pgexport.processing.streaming import TextStream
@@ -161,7 +161,7 @@ class Engine:
             raise PgExportError(f"max_new_tokens={max_new_tokens}: this engine takes 1 to {self.max_new_tokens}")
         ids = np.asarray(input_ids, np.int64).reshape(-1)
         if len(ids) + max_new_tokens > self.max_len:
-            raise PgExportError(f"the prompt is {len(ids)} tokens ({self.manifest.num_image_tokens} image tokens + text); "
+            raise PromptTooLong(f"the prompt is {len(ids)} tokens ({self.manifest.num_image_tokens} image tokens + text); "
                                 f"with max_new_tokens={max_new_tokens} that is over the engine's max_len of "
                                 f"{self.max_len}; shorten the prompt or ask for fewer tokens")
         stop = [stop] if isinstance(stop, str) else list(stop or [])

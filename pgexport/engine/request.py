@@ -164,3 +164,7 @@ class Request:
 
 class QueueFull(PgExportError):
     """The engine's waiting queue is at `max_queue`: try again later (HTTP 503)."""
+
+
+class PromptTooLong(PgExportError):
+    """The prompt and max_new_tokens do not fit the engine's rows (`max_len`): HTTP 400."""

@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from pgexport.engine import QueueFull
+from pgexport.engine import PromptTooLong, QueueFull
 from pgexport.engine import Request as EngineRequest
 from pgexport.errors import PgExportError
 from pgexport.serve.auth import RequireApiKey
@@ -105,9 +105,8 @@ def build_app(config: ServeConfig, host: ModelHost | None = None) -> Starlette:
             if host.draining:
                 raise ApiError(503, "the server is shutting down and takes no new requests", code="shutting_down",
                                headers=RETRY_AFTER) from None
-            # max_tokens was checked already, so the engine refuses a prompt that does not fit
-            # (its message names max_len) or one the processor cannot take.
-            code = "context_length_exceeded" if "max_len" in str(e) else "invalid_value"
+            # max_tokens was checked already: a prompt that does not fit, or one the processor cannot take.
+            code = "context_length_exceeded" if isinstance(e, PromptTooLong) else "invalid_value"
             raise ApiError(400, str(e), "messages[0].content", code) from None
         return image.size, handle
 
