@@ -175,6 +175,9 @@ def main(argv=None) -> int:
                     help="stage 1 steps with the pretrained tower fixed (the decoder learns to read it)")
     ap.add_argument("--stage2-lr", type=float, default=1e-3, help="peak lr of stage 2 (everything trains)")
     ap.add_argument("--vision-lr-scale", type=float, default=0.3, help="the tower's lr in stage 2, relative to --stage2-lr")
+    ap.add_argument("--caption-weight", type=int, default=1,
+                    help="each caption example appears this many times in the training mix (captions carry the "
+                         "articles, 'an orange'; the other tasks once)")
     ap.add_argument("--freeze-vision", action="store_true",
                     help="with --from: keep the SigLIP tower fixed (the projector and decoder train)")
     ap.add_argument("--from", dest="from_model", default=None, metavar="MODEL_DIR",
@@ -190,6 +193,12 @@ def main(argv=None) -> int:
     data = work / "data"
     if not (data / "train.jsonl").is_file():
         write_dataset(data, seed=args.seed, train=args.train_images, val=args.val_images, test=0, progress=print)
+    train_file = data / "train.jsonl"
+    if args.caption_weight > 1:  # the data mix: captions repeated, everything else once
+        lines = train_file.read_text().splitlines()
+        mixed = [line for line in lines for _ in range(args.caption_weight if json.loads(line)["task"] == "caption" else 1)]
+        train_file = data / f"train_captions_x{args.caption_weight}.jsonl"
+        train_file.write_text("\n".join(mixed) + "\n")
     stage0 = None
     if args.from_model:  # weights and processor of the trained model; stage 2 alone continues from them
         model = load_checkpoint(args.from_model, dtype=torch.float32)
@@ -219,7 +228,7 @@ def main(argv=None) -> int:
                           group_by_image=bool(args.group_by_image), freeze_vision=frozen,
                           vision_lr_scale=args.vision_lr_scale, eval_every=max(steps // 4, 1), eval_examples=150,
                           max_new_tokens=40, device=args.device, bf16=None if args.bf16 is None else bool(args.bf16))
-        model = finetune(model, data / "train.jsonl", work / ("run-frozen" if seed_offset == 0 else "run"),
+        model = finetune(model, train_file, work / ("run-frozen" if seed_offset == 0 else "run"),
                          val_data=data / "val.jsonl", processor=processor, config=cfg)["model"]
     train_seconds, train_cpu_seconds = time.time() - t0, time.process_time() - cpu0
 
@@ -258,7 +267,7 @@ def main(argv=None) -> int:
         "vision_pretrain_steps": args.vision_pretrain_steps, "frozen_steps": args.frozen_steps, "steps": args.steps,
         "batch_size": args.batch_size, "lr": args.lr, "stage2_lr": args.stage2_lr,
         "vision_lr_scale": args.vision_lr_scale, "freeze_vision": args.freeze_vision, "train_images": args.train_images,
-        "train_examples": len(read_jsonl(data / "train.jsonl")), "train_minutes": round(train_seconds / 60, 1),
+        "caption_weight": args.caption_weight, "train_examples": len(read_jsonl(train_file)), "train_minutes": round(train_seconds / 60, 1),
         "train_cpu_minutes": round(train_cpu_seconds / 60, 1),
         "vision_pretraining": stage0, "weights_dtype": args.dtype, "test_seed": TEST_SEED, "test_counts": counts,
         "test_metrics": {k: round(v, 4) for k, v in metrics.items()},
