@@ -79,15 +79,18 @@ def test_forty_requests_at_random_times_equal_their_solo_generation(exports, var
     model = exports(variant)
     work = requests(model, 40, seed=7)
     longest = max(len(ids) for ids, *_ in work)
-    # Room for one longest request and a few slots more: the rows run out of slots and move
-    # left (compaction) many times, and short prompts join behind long ones.
-    engine = Engine(model, max_batch=4, max_len=longest + max(NEW_TOKENS) + 3, max_new_tokens=max(NEW_TOKENS))
+    # Room for exactly one longest request: the rows run out of slots and move left
+    # (compaction), and short prompts join behind long ones. The first 16 arrive at once, so the
+    # rows stay busy for more steps than max_len has free slots (a compaction whatever the
+    # machine's speed); the rest at seeded random times.
+    engine = Engine(model, max_batch=4, max_len=longest + max(NEW_TOKENS), max_new_tokens=max(NEW_TOKENS))
     arrivals = random.Random(3)
     handles = []
     try:
-        for ids, pixels, n, sampling in work:
+        for i, (ids, pixels, n, sampling) in enumerate(work):
             handles.append(engine.submit_ids(ids, pixels, n, sampling))
-            time.sleep(arrivals.random() * 0.01)
+            if i >= 16:
+                time.sleep(arrivals.random() * 0.01)
         results = [h.result(timeout=120) for h in handles]
     finally:
         engine.close()

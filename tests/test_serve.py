@@ -173,6 +173,8 @@ def alone(model: OnnxPaliGemma, image_path: Path, prompt: str, max_new_tokens: i
 def test_answers_equal_generate_whole_and_streamed(server, model, prompt):
     client = server.client()
     image = IMAGES[1]
+    if prompt.startswith("detect"):  # a sample that holds the shape asked for: the answer has boxes
+        image = next(path for path in IMAGES if parse_detections(alone(model, path, prompt), 1, 1))
     expected = alone(model, image, prompt)
     width, height = Image.open(image).size
     boxes = [{"label": d.label, "box": [round(float(v), 2) for v in d.box]}
@@ -545,26 +547,37 @@ def test_ray_serve_two_replicas_answer_like_one_process(demo_export, model, tmp_
         import ray.serve  # noqa: F401
     except ImportError as e:
         pytest.skip(f"ray[serve] is not installed ({e})")
-    with serving(demo_export, tmp_path, "--engine", "ray", "--replicas", "2",
-                 "--threads", "1", "--max-batch", "4", "--shutdown-timeout", "30", ready=False) as served:
-        # Ray's proxy may route /health to the first replica before the second is up; the
-        # command prints its line once every replica is running.
-        wait_for(lambda: "(2 Ray Serve replicas" in served.log_tail() or served.proc.poll() is not None,
-                 "the deployment of two replicas", timeout=300)
-        served.wait_ready()
-        client = served.client(key="unused")
-        jobs = [(IMAGES[i % len(IMAGES)], PROMPTS[i % len(PROMPTS)]) for i in range(6)]
-        answers: list[str | None] = [None] * len(jobs)
+    for attempt in range(2):
+        with serving(demo_export, tmp_path, "--engine", "ray", "--replicas", "2",
+                     "--threads", "1", "--max-batch", "4", "--shutdown-timeout", "30", ready=False) as served:
+            # Ray's proxy may route /health to the first replica before the second is up; the
+            # command prints its line once every replica is running.
+            wait_for(lambda: "(2 Ray Serve replicas" in served.log_tail() or served.proc.poll() is not None,
+                     "the deployment of two replicas", timeout=300)
+            # On a loaded machine Ray's HTTP proxy actor may miss Ray's own 60 s start-up limit (the
+            # server then exits with one line saying so): that is Ray's start-up, tried once more.
+            if served.proc.poll() is not None and "HTTP proxy did not start" in served.log_tail() and not attempt:
+                continue
+            _check_ray_deployment(served, model)
+            return
 
-        def run(i, image, prompt):
-            answers[i] = client.chat.completions.create(
-                model="demo-export", messages=messages(prompt, data_url(image)), max_tokens=24).choices[0].message.content
 
-        threads = [threading.Thread(target=run, args=(i, *job)) for i, job in enumerate(jobs)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert answers == [alone(model, image, prompt, 24) for image, prompt in jobs]
-        served.proc.send_signal(signal.SIGTERM)
-        assert served.proc.wait(120) == 0, served.log_tail()
+def _check_ray_deployment(served, model):
+    """Six requests across the two replicas answer as the model alone; SIGTERM ends the server."""
+    served.wait_ready()
+    client = served.client(key="unused")
+    jobs = [(IMAGES[i % len(IMAGES)], PROMPTS[i % len(PROMPTS)]) for i in range(6)]
+    answers: list[str | None] = [None] * len(jobs)
+
+    def run(i, image, prompt):
+        answers[i] = client.chat.completions.create(
+            model="demo-export", messages=messages(prompt, data_url(image)), max_tokens=24).choices[0].message.content
+
+    threads = [threading.Thread(target=run, args=(i, *job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert answers == [alone(model, image, prompt, 24) for image, prompt in jobs]
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(120) == 0, served.log_tail()

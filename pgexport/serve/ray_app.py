@@ -56,7 +56,11 @@ def run_ray_server(config: ServeConfig, replicas: int, address: str | None) -> N
             raise PgExportError(f"cannot connect to the Ray cluster at {address}: {one_line(e)}; check --address "
                                 "(ray status on the head node shows it)") from None
     try:
-        serve.start(http_options={"host": config.host, "port": config.port})
+        try:
+            serve.start(http_options={"host": config.host, "port": config.port})
+        except Exception as e:  # Ray's HTTP proxy actor did not come up (Ray's own start-up limit)
+            raise PgExportError(f"Ray Serve's HTTP proxy did not start: {one_line(e, 200)}; check that port "
+                                f"{config.port} is free and `ray status`, then try again") from None
         deployment = serve.deployment(
             serve.ingress(build_replica_app)(PaliGemmaReplica), name="pgexport", num_replicas=replicas,
             ray_actor_options={"num_cpus": threads, "num_gpus": 1 if config.provider == "cuda" else 0},
