@@ -14,7 +14,8 @@ and a question prompt. With `--ignore-eos` (the default, as vllm bench serve doe
 data) every answer is exactly `--max-tokens` tokens, so the levels compare like with like.
 
 Measured by the client (asyncio + httpx, reading the server-sent events):
-* TTFT: sending the request -> the first chunk with text;
+* TTFT: sending the request -> the first chunk (it comes with the first token, which may print
+  nothing: an empty answer, as `detect` of an absent shape gives, is a served request);
 * TPOT: per request, (E2EL - TTFT) / (output tokens - 1);
 * ITL: every gap between two consecutive chunks with text, pooled over the requests (a token
   that prints nothing sends no chunk, so a gap may span several tokens);
@@ -125,7 +126,7 @@ def request_bodies(count: int, max_tokens: int, ignore_eos: bool) -> list[dict]:
 async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> dict:
     """Send one streamed request; the client-side clock readings of its events."""
     sent = time.perf_counter()
-    text_times, usage, finish, error = [], None, None, None
+    text_times, usage, finish, error, first = [], None, None, None, None
     try:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
@@ -141,14 +142,18 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> dict:
                     if event.get("usage"):
                         usage = event["usage"]
                     for choice in event.get("choices", []):
+                        # The first chunk (the role) comes with the first token, which may print
+                        # nothing: an empty answer ("detect" of an absent shape) is an answer too.
+                        first = first or time.perf_counter()
                         if choice["delta"].get("content"):
                             text_times.append(time.perf_counter())
                         finish = choice.get("finish_reason") or finish
     except httpx.HTTPError as e:
         error = f"{type(e).__name__}: {e}"
     end = time.perf_counter()
-    ok = error is None and finish is not None and bool(text_times)
-    return {"ok": ok, "error": error if not ok else None, "sent": sent, "end": end, "text_times": text_times,
+    ok = error is None and finish is not None and first is not None
+    return {"ok": ok, "error": error if not ok else None, "sent": sent, "end": end, "first": first,
+            "text_times": text_times,
             "prompt_tokens": usage["prompt_tokens"] if usage else 0,
             "output_tokens": usage["completion_tokens"] if usage else 0}
 
@@ -177,10 +182,9 @@ def stats(values: list[float]) -> dict[str, float | None]:
 
 def summarize(records: list[dict], seconds: float) -> dict:
     good = [r for r in records if r["ok"]]
-    ttft = [r["text_times"][0] - r["sent"] for r in good]
+    ttft = [r["first"] - r["sent"] for r in good]
     e2el = [r["end"] - r["sent"] for r in good]
-    tpot = [(r["end"] - r["sent"] - (r["text_times"][0] - r["sent"])) / (r["output_tokens"] - 1)
-            for r in good if r["output_tokens"] > 1]
+    tpot = [(r["end"] - r["first"]) / (r["output_tokens"] - 1) for r in good if r["output_tokens"] > 1]
     itl = [b - a for r in good for a, b in zip(r["text_times"], r["text_times"][1:])]
     out_tokens = sum(r["output_tokens"] for r in good)
     return {"requests": len(records), "failed": len(records) - len(good), "seconds": seconds,
@@ -267,7 +271,7 @@ def render(result: dict, command: str) -> str:
              f"{' (eos ignored, so every answer has that length)' if result['ignore_eos'] else ''}; prompts cycle over "
              f"{', '.join(repr(p) for p in PROMPTS)} and the {len(IMAGES)} bundled sample images. The client (asyncio "
              "+ httpx) runs on the same machine as the server. Latencies in ms, measured by the client: TTFT to the "
-             "first chunk with text, TPOT = (E2EL - TTFT) / (tokens - 1) per request, ITL every gap between chunks "
+             "first chunk (it comes with the first token), TPOT = (E2EL - TTFT) / (tokens - 1) per request, ITL every gap between chunks "
              "with text, E2EL to the end of the stream. The server sends a chunk when a token adds text; tokens "
              "that print nothing (special tokens, as a model writes after an ignored eos) add none, so an ITL gap "
              "can span several tokens, and TPOT is the per-token figure.", ""]
