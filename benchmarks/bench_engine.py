@@ -52,7 +52,7 @@ from benchmarks.common import (  # noqa: E402
     current_rss_bytes, export_folders, machine_markdown, markdown_table, percentile, progress, write_report,
 )
 from pgexport.engine import Engine  # noqa: E402
-from pgexport.runtime.generation import generate_tokens  # noqa: E402
+from pgexport.engine.engine import left_padded  # noqa: E402
 from pgexport.runtime.session import OnnxPaliGemma  # noqa: E402
 from pgexport.train.dataset import make_examples, render  # noqa: E402
 
@@ -79,28 +79,22 @@ def trim(tokens, eos: int) -> list[int]:
 
 
 def one_at_a_time(model: OnnxPaliGemma, work: list[dict]) -> tuple[list, list, float]:
-    eos, pad = model.manifest.eos_token_id, model.manifest.pad_token_id
+    eos = model.manifest.eos_token_id
     t0, done, outs = time.perf_counter(), [], []
     for r in work:
         ids = r["ids"][None]
-        out = generate_tokens(model.stepper(), ids, np.ones_like(ids), r["pixels"][None], r["max_new"], eos, pad)
-        outs.append(trim(out[0], eos))
+        outs.append(trim(model.generate_ids(ids, np.ones_like(ids), r["pixels"][None], r["max_new"])[0], eos))
         done.append(time.perf_counter() - t0)
     return outs, done, time.perf_counter() - t0
 
 
 def static_batches(model: OnnxPaliGemma, work: list[dict], rows: int) -> tuple[list, list, float]:
-    eos, pad = model.manifest.eos_token_id, model.manifest.pad_token_id
+    eos = model.manifest.eos_token_id
     t0, done, outs = time.perf_counter(), [], []
     for g in range(0, len(work), rows):
         group = work[g:g + rows]
-        longest = max(len(r["ids"]) for r in group)
-        ids = np.full((len(group), longest), pad, np.int64)
-        mask = np.zeros_like(ids)
-        for j, r in enumerate(group):
-            ids[j, longest - len(r["ids"]):], mask[j, longest - len(r["ids"]):] = r["ids"], 1
-        out = generate_tokens(model.stepper(), ids, mask, np.stack([r["pixels"] for r in group]),
-                              max(r["max_new"] for r in group), eos, pad)
+        ids, mask = left_padded([r["ids"] for r in group], model.manifest.pad_token_id)
+        out = model.generate_ids(ids, mask, np.stack([r["pixels"] for r in group]), max(r["max_new"] for r in group))
         finished = time.perf_counter() - t0
         for j, r in enumerate(group):
             outs.append(trim(out[j][:r["max_new"]], eos))

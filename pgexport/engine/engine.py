@@ -62,6 +62,16 @@ class EngineStats:
     step_log: list | None = None  # with Engine(record_steps=True): (rows, step, graph, token choice + hand-out seconds) per decode step
 
 
+def left_padded(prompts: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts of different lengths as one batch, padded on the left: (ids, mask), `[B, longest]`."""
+    longest = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), longest), pad_id, np.int64)
+    mask = np.zeros_like(ids)
+    for j, prompt in enumerate(prompts):
+        ids[j, longest - len(prompt):], mask[j, longest - len(prompt):] = prompt, 1
+    return ids, mask
+
+
 class _Live:
     """A request in a row: its detokenizer, stop-string matcher and the token to feed next."""
 
@@ -245,12 +255,9 @@ class Engine:
             self.stats.compaction_seconds += time.perf_counter() - c0
         t = rows.write_slot
         rows.mask[:n, t] = 1
-        feed = {"input_ids": np.array([[live.next_token] for live in self._live], np.int64),
-                "token_type_ids": np.ones((n, 1), np.int64),  # one causal token per row
-                "image_features": np.zeros((n, 0, self.manifest.hidden_size), self.model.features_dtype),
-                "attention_mask": rows.mask[:n], "cache_position": np.array([t], np.int64)}
+        tokens = np.array([live.next_token for live in self._live], np.int64)
         g0 = time.perf_counter()
-        logits = self.model.run_in_place(feed, rows.views(0, n))
+        logits = self.model.decode_in_place(tokens, rows.mask[:n], rows.views(0, n), t)
         graph = time.perf_counter() - g0
         self.stats.graph_seconds += graph
         rows.write_slot += 1
@@ -273,12 +280,10 @@ class Engine:
             rows.shift(longest - rows.write_slot)  # fits: a prompt is shorter than max_len
             self.stats.compaction_seconds += time.perf_counter() - c0
         t = rows.write_slot
-        ids = np.full((k, longest), self.manifest.pad_token_id, np.int64)  # [k, longest], left padding
+        ids, prompt_mask = left_padded([r.input_ids for r in joiners], self.manifest.pad_token_id)  # [k, longest]
         rows.mask[n:n + k] = 0
-        for j, request in enumerate(joiners):
-            length = request.prompt_tokens
-            ids[j, longest - length:] = request.input_ids
-            rows.mask[n + j, t - length:t] = 1
+        rows.mask[n:n + k, t - longest:t] = prompt_mask
+        for request in joiners:
             request.timing.admitted = time.perf_counter()
         g0 = time.perf_counter()
         try:
@@ -340,11 +345,10 @@ class Engine:
         request = live.request
         request.finish(Result(live.ids, live.stops.text, reason, request.prompt_tokens, error))
         last = len(self._live) - 1
-        if self.continuous:
-            self.rows.move_row(last, i)
         self._live[i] = self._live[last]
         self._live.pop()
         if self.continuous:
+            self.rows.move_row(last, i)
             self.rows.active = len(self._live)
 
     def _fail_all(self, error: str) -> None:
@@ -358,12 +362,8 @@ class Engine:
         group = self._take_waiting(self.max_batch)
         if not group:
             return
-        longest = max(r.prompt_tokens for r in group)
-        ids = np.full((len(group), longest), self.manifest.pad_token_id, np.int64)
-        mask = np.zeros_like(ids)
-        for j, request in enumerate(group):
-            ids[j, longest - request.prompt_tokens:] = request.input_ids
-            mask[j, longest - request.prompt_tokens:] = 1
+        ids, mask = left_padded([r.input_ids for r in group], self.manifest.pad_token_id)
+        for request in group:
             request.timing.admitted = time.perf_counter()
         self._live = [_Live(r, self.model.processor.tokenizer) for r in group]
         stepper = self.model.stepper()
