@@ -124,8 +124,12 @@ def test_a_cancelled_request_frees_its_row_for_the_next_at_the_next_step(exports
         long_a = engine.submit_ids(ids, pixels, 60)
         long_b = engine.submit_ids(ids, pixels, 60)
         waiting = engine.submit_ids(ids, pixels, 4)
-        first = next(iter(long_a.stream(timeout=60)))  # A is generating
-        assert first.token_id is not None and waiting.timing.admitted is None and engine.waiting == 1
+        # A and B may be admitted at different steps (the loop can wake between the submits):
+        # wait for a token of each, so both rows are taken before looking at the queue.
+        first_a = next(iter(long_a.stream(timeout=60)))
+        first_b = next(iter(long_b.stream(timeout=60)))
+        assert first_a.token_id is not None and first_b.token_id is not None
+        assert waiting.timing.admitted is None and engine.waiting == 1
         cancelled_at = time.perf_counter()
         long_a.cancel()
         assert long_a.result(timeout=60).finish_reason == "cancelled"
