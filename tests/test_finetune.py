@@ -385,7 +385,7 @@ def test_demo_model_draws_no_box_for_an_absent_shape(backend, tmp_path):
     shapes found, with the eager model and with its ONNX export."""
     from PIL import Image
 
-    from pgexport.train.dataset import SHAPES, make_examples
+    from pgexport.train.dataset import SHAPES
     from pgexport.train.demo import DEMO_DIR
 
     model = []
@@ -394,11 +394,12 @@ def test_demo_model_draws_no_box_for_an_absent_shape(backend, tmp_path):
         r = CliRunner().invoke(main, ["onnx", "--out", str(export)])
         assert r.exit_code == 0, r.output
         model = ["--backend", "onnx", "--model", str(export)]
-    samples = sorted((DEMO_DIR / "samples").glob("shapes_*.png"))
-    # the samples are the first scenes of seed 7's test split (examples/train_demo.py)
-    scenes = [scene for scene, _ in make_examples(seed=7, num_images=len(samples), split="test")]
-    for path, scene in zip(samples, scenes):
-        present = {s.shape for s in scene.shapes}
+    # What each sample holds, written with the samples by examples/train_demo.py.
+    scenes = json.loads((DEMO_DIR / "samples" / "scenes.json").read_text())
+    assert sorted(scenes) == sorted(p.name for p in (DEMO_DIR / "samples").glob("*.png"))
+    for name, shapes in scenes.items():
+        path = DEMO_DIR / "samples" / name
+        present = {s["shape"] for s in shapes}
         for shape in SHAPES:
             draw = tmp_path / f"{path.stem}_{shape}.png"
             r = CliRunner().invoke(main, ["generate", *model, "--image", str(path), "--prompt", f"detect {shape}",
@@ -406,7 +407,7 @@ def test_demo_model_draws_no_box_for_an_absent_shape(backend, tmp_path):
             assert r.exit_code == 0, r.output
             boxes = [line for line in r.output.splitlines() if line.startswith(f"{shape}: x0=")]
             if shape in present:
-                assert len(boxes) == sum(s.shape == shape for s in scene.shapes), (path.name, shape, r.output)
+                assert len(boxes) == sum(s["shape"] == shape for s in shapes), (path.name, shape, r.output)
             else:
                 assert "<loc" not in r.output and not boxes, (path.name, shape, r.output)
                 assert Image.open(draw).tobytes() == Image.open(path).convert("RGB").tobytes()
