@@ -245,6 +245,8 @@ def test_bad_model_input_out_fail_in_one_line_before_writing(export_dir, data, t
     cases = [
         (["--model", tmp_path / "nope", "--input", data / "images", "--out", out], "nope not found"),
         (["--model", data / "images", "--input", data / "images", "--out", out], "neither pgexport.json"),
+        # A mistyped preset: one line, and no "exporting it once" before it.
+        (["--model", "paligema-3b-pt-224", "--input", data / "images", "--out", out], "nor a preset"),
         (["--model", export_dir, "--input", tmp_path / "missing", "--out", out], "not found"),
         (["--model", export_dir, "--input", str(tmp_path / "*.png"), "--out", out], "no file matches"),
         (["--model", export_dir, "--input", data / "images", "--out", tmp_path / "out.csv"], ".parquet or .jsonl"),

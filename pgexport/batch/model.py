@@ -66,7 +66,9 @@ def resolve_export(spec: str | os.PathLike | None, cache: str | os.PathLike | No
         return entry
     # Exporting needs PyTorch; running an export does not, so the import waits until here.
     from pgexport.api import export
+    from pgexport.eager.loading import check_spec
 
+    check_spec(spec)  # a mistyped preset fails here, before "exporting it once" is printed
     if progress:
         progress(f"{spec} is not an export folder: exporting it once to {entry} (reused next time)")
     entry.parent.mkdir(parents=True, exist_ok=True)

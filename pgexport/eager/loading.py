@@ -63,6 +63,12 @@ def not_found(spec: str) -> PgExportError:
     return PgExportError(f"{spec!r} is neither a checkpoint folder nor a preset; presets: {', '.join(PRESETS)}")
 
 
+def check_spec(spec: str) -> None:
+    """Raise the one-line `not_found` error unless `spec` is a folder or a preset (nothing is loaded)."""
+    if not is_folder_spec(spec) and spec not in PRESETS:
+        raise not_found(spec)
+
+
 def load_model(spec: str, dtype: str = "float32", device: str = "cpu", seed: int = 0) -> PaliGemma:
     """A checkpoint folder, an optimum-quanto folder or a preset (random weights) -> eval-mode model."""
     dt, dev = torch_dtype(dtype), resolve_device(device)
