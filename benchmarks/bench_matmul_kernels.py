@@ -5,7 +5,8 @@
 
 Each variant is a one-MatMul float graph holding the same random `[K, N]` weight, rewritten by
 the exporter's quantizer (`exporters/quantize.quantize_folder`, as `pgexport onnx --quant` does):
-`DynamicQuantizeMatMul` (int8 per output column, symmetric and asymmetric) and `MatMulNBits` (4
+`DynamicQuantizeMatMul` (int8 per output column, symmetric and asymmetric), the rowwise int8
+(`MatMulInteger` with activations quantized per row, batch-invariant) and `MatMulNBits` (4
 and 8 bits, several block sizes, accuracy level 4; the default int4 block also at level 0). The
 sessions keep ONNX Runtime's weight prepacking; the timed calls are interleaved. The rows are
 the activations: 260 is a 224-px prompt's prefill, 1 a decode step. Reports ms per call,
@@ -35,10 +36,11 @@ RESULTS = Path(__file__).parent / "results" / "matmul_kernels"  # .json and .md
 
 
 def variants(blocks: list[int]) -> dict[str, dict]:
-    """name -> `QuantOptions.create` arguments: the dynamic int8 formats, then MatMulNBits by bits
+    """name -> `QuantOptions.create` arguments: the dynamic and rowwise int8 formats, then MatMulNBits by bits
     and block (and the default int4 block at accuracy level 0, i.e. fp32 compute)."""
     out = {"DynamicQuantizeMatMul sym": {"quant": "int8", "int8_format": "dynamic", "symmetric": True},
-           "DynamicQuantizeMatMul asym": {"quant": "int8", "int8_format": "dynamic", "symmetric": False}}
+           "DynamicQuantizeMatMul asym": {"quant": "int8", "int8_format": "dynamic", "symmetric": False},
+           "MatMulInteger rows sym": {"quant": "int8", "int8_format": "rowwise", "symmetric": True}}
     for bits in (4, 8):
         for block in blocks:
             for sym in (False, True) if bits == 4 else (True,):

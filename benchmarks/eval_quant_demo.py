@@ -3,7 +3,7 @@
     python benchmarks/eval_quant_demo.py                       # pgexport/assets/demo, 500 test images
     python benchmarks/eval_quant_demo.py --model DIR --images 40 --out results.json
 
-For each variant (fp32 export, int8 dynamic / MatMulNBits, int4 with the defaults and with other
+For each variant (fp32 export, int8 dynamic / MatMulNBits / rowwise, int4 with the defaults and with other
 block sizes, symmetry, accuracy level, 8-bit head) on the shapes test set drawn with seed 1234
 (its first 100 images are the demo's held-out set, `examples/train_demo.py`; the report gives
 the number of exact-match answers, so one flipped answer moves exact match by 100 / answers
@@ -47,6 +47,7 @@ def variants():
     return {
         "int8": QuantOptions.create("int8"),
         "int8-nbits": QuantOptions.create("int8", int8_format="nbits"),
+        "int8-rowwise": QuantOptions.create("int8", int8_format="rowwise"),
         "int4": QuantOptions.create("int4"),
         "int4-acc0": QuantOptions.create("int4", accuracy_level=0),
         "int4-sym": QuantOptions.create("int4", symmetric=True),

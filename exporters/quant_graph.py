@@ -70,6 +70,7 @@ class GraphQuantizer:
         """Replace the quantizable nodes of `proto` (in place) and its float weights by quantized ones."""
 
         graph = proto.graph
+        self.opset = next((op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")), 0)
         inits = {t.name: t for t in graph.initializer}
         uses: dict[str, list] = {}  # value name -> the nodes reading it
         for node in graph.node:
@@ -223,6 +224,8 @@ class GraphQuantizer:
             self._count("DynamicQuantizeMatMul")
             return helper.make_node("DynamicQuantizeMatMul", trim(inputs), outputs, name=f"{node.name}_int8",
                                     domain=MS_DOMAIN)
+        if o.bits == 8 and o.int8_format == "rowwise":
+            return self._rowwise(node, tensor, add)
         block = linear_block_size(o.block_size, k)
         if block != o.block_size:
             self._note(f"matrices with fewer than {o.block_size} inputs use one block per row (the next power of two "
@@ -230,6 +233,53 @@ class GraphQuantizer:
         w = self._nbits(tensor, o.bits, block, transpose=True)
         self._count(f"MatMulNBits{o.bits}")
         return self._nbits_node(node.input[0], outputs, node.name, tensor.name, w, add, k, n)
+
+    def _rowwise(self, node, tensor, add) -> list:
+        """MatMul `node` as int8 with its activations quantized per row: each row (token) of
+        x [..., K] gets its own symmetric scale, max|x| / 127, so a row's result never depends on
+        the other rows of the batch (DynamicQuantizeMatMul takes one scale for the whole call).
+        The weight is DynamicQuantizeMatMul's ([K, N] int8 in 7 bits with a scale per column, or
+        uint8 + zero points); the rounded activations are shifted by 128 into uint8 for
+        MatMulInteger's uint8 x int8 kernel (VNNI), whose int32 sums are exact:
+
+            s = max(ReduceMax(|x|, -1) / 127, tiny)                      # [..., 1]
+            y = Cast(MatMulInteger(Round(x / s) + 128, Wq, 128, zp)) * s * w_scale
+
+        ONNX Runtime fuses neither end into one op, so this is ten plain nodes around the GEMM:
+        cheap beside it (docs/quantization.md has the measured cost)."""
+        q, scale, zp = self._int8_columns(tensor)
+        x, base = node.input[0], tensor.name
+        c = "int8_rowwise"  # constants shared by every rewritten MatMul of the graph
+        add(f"{c}.127", np.array(127.0, np.float32))
+        add(f"{c}.tiny", np.array(np.finfo(np.float32).tiny, np.float32))
+        add(f"{c}.128", np.array(128.0, np.float32))
+        add(f"{c}.zero_point", np.array(128, np.uint8))
+        t = f"{node.output[0]}_rowwise"  # names of the new values (value names are unique, node names need not be)
+        if self.opset >= 18:
+            reduce = helper.make_node("ReduceMax", [f"{t}.abs", add(f"{c}.axes", np.array([-1], np.int64))],
+                                      [f"{t}.max"], name=f"{t}_max", keepdims=1)
+        else:
+            reduce = helper.make_node("ReduceMax", [f"{t}.abs"], [f"{t}.max"], name=f"{t}_max", axes=[-1], keepdims=1)
+        b_inputs = [add(f"{base}.int8", q)]
+        if zp is not None:
+            b_inputs.append(add(f"{base}.zero_point", zp))
+        self._count("MatMulInteger (int8, activations per row)")
+        return [
+            helper.make_node("Abs", [x], [f"{t}.abs"], name=f"{t}_abs"),
+            reduce,
+            helper.make_node("Div", [f"{t}.max", f"{c}.127"], [f"{t}.s0"], name=f"{t}_scale"),
+            helper.make_node("Max", [f"{t}.s0", f"{c}.tiny"], [f"{t}.scale"], name=f"{t}_scale_floor"),
+            helper.make_node("Div", [x, f"{t}.scale"], [f"{t}.scaled"], name=f"{t}_div"),
+            helper.make_node("Round", [f"{t}.scaled"], [f"{t}.round"], name=f"{t}_round"),
+            helper.make_node("Add", [f"{t}.round", f"{c}.128"], [f"{t}.shift"], name=f"{t}_shift"),
+            helper.make_node("Cast", [f"{t}.shift"], [f"{t}.q"], name=f"{t}_cast", to=onnx.TensorProto.UINT8),
+            helper.make_node("MatMulInteger", [f"{t}.q", b_inputs[0], f"{c}.zero_point", *b_inputs[1:]],
+                             [f"{t}.int32"], name=f"{t}_matmul"),
+            helper.make_node("Cast", [f"{t}.int32"], [f"{t}.float"], name=f"{t}_float", to=onnx.TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{t}.float", f"{t}.scale"], [f"{t}.rows"], name=f"{t}_rescale_rows"),
+            helper.make_node("Mul", [f"{t}.rows", add(f"{base}.scale", scale)], list(node.output),
+                             name=f"{t}_rescale_columns"),
+        ]
 
     def _nbits_node(self, a: str, outputs, node_name: str, base: str, w: NBitsWeight, add, k: int, n: int,
                     b_name: str | None = None):

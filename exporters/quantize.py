@@ -25,6 +25,11 @@ three graphs (numpy and onnx only, no torch, no onnxruntime):
     per output column, in 7 bits ([-64, 64]: full-range weights overflow the kernel's 16-bit sums
     on CPUs without VNNI, see `quant_numerics.DYNAMIC_INT8_MAX`), or uint8 + zero points when
     asymmetric; `block_size` does not apply to it;
+  - int8 with `int8_format="rowwise"`: the same weight, read by a plain `MatMulInteger` whose
+    activations are quantized per row (token) with a symmetric scale of their own (ten standard
+    nodes around it, `quant_graph.GraphQuantizer._rowwise`): a row's result does not depend on
+    the other rows of the batch, which DynamicQuantizeMatMul's one scale per call cannot promise
+    (what the continuous-batching engine needs for answers that do not depend on the load);
 * the tied embedding table, read by the lookup `Gather` and by the LM head `Gemm(transB=1)`:
   ONE block-quantized table `[vocab, hidden]` quantized along hidden. The head becomes
   `MatMulNBits` (B = the table as `[vocab, k_blocks, blob]`, N=vocab, K=hidden) and the lookup
@@ -74,7 +79,7 @@ from pgexport.exporters.quant_numerics import (NBitsWeight, check_block_size, li
 from pgexport.runtime.onnx_files import check_external_data
 
 QUANTS = {"int8": 8, "int4": 4}
-INT8_FORMATS = ("nbits", "dynamic")
+INT8_FORMATS = ("nbits", "dynamic", "rowwise")
 TARGETS = ("cpu", "cuda")
 # Defaults, each chosen by measurement on the 3B geometry and the demo model (the figures:
 # docs/quantization.md and benchmarks/results/quant_baselines.md, quant_demo*.md, matmul_kernels*.md):
@@ -100,7 +105,8 @@ class QuantOptions:
     block_size: int  # MatMulNBits / GatherBlockQuantized block along K (power of two >= 16)
     symmetric: bool
     accuracy_level: int  # MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
-    int8_format: str  # bits 8 only: "nbits" (MatMulNBits) or "dynamic" (DynamicQuantizeMatMul)
+    int8_format: str  # bits 8 only: "nbits" (MatMulNBits), "dynamic" (DynamicQuantizeMatMul) or
+    # "rowwise" (MatMulInteger, activations quantized per row: batch-invariant)
     head_bits: int  # bits of the shared embedding / LM-head table (4 or 8)
     target: str  # provider the defaults were chosen for: "cpu" or "cuda"
 
@@ -122,9 +128,9 @@ class QuantOptions:
         if int8_format is None:
             int8_format = DEFAULT_INT8_FORMAT[target] if bits == 8 else "nbits"
         if int8_format not in INT8_FORMATS:
-            raise PgExportError(f"unknown int8 format {int8_format!r}; choose nbits or dynamic")
+            raise PgExportError(f"unknown int8 format {int8_format!r}; choose nbits, dynamic or rowwise")
         if bits == 4 and int8_format != "nbits":
-            raise PgExportError("the dynamic int8 format applies to --quant int8 only")
+            raise PgExportError(f"the {int8_format} int8 format applies to --quant int8 only")
         head_bits = bits if head_bits is None else head_bits
         if head_bits not in (4, 8) or head_bits < bits:
             raise PgExportError(f"head bits {head_bits!r} must be 4 or 8 and not below the {bits} bits of the layers")
@@ -236,9 +242,14 @@ def describe(options: QuantOptions, quantizers: list[GraphQuantizer]) -> dict:
         unquantized.update(q.unquantized)
         notes += [n for n in q.notes if n not in notes]
     o = options
-    linear = ("com.microsoft.DynamicQuantizeMatMul (int8 per output column, 7-bit range when symmetric, "
-              "activations quantized per call)"
-              if o.bits == 8 and o.int8_format == "dynamic" else f"com.microsoft.MatMulNBits (bits {o.bits})")
+    if o.bits == 8 and o.int8_format == "dynamic":
+        linear = ("com.microsoft.DynamicQuantizeMatMul (int8 per output column, 7-bit range when symmetric, "
+                  "activations quantized per call)")
+    elif o.bits == 8 and o.int8_format == "rowwise":
+        linear = ("MatMulInteger (int8 per output column, 7-bit range when symmetric, activations quantized per "
+                  "row with their own scale: a row's result does not depend on the batch)")
+    else:
+        linear = f"com.microsoft.MatMulNBits (bits {o.bits})"
     d = {
         "method": "weight-only",
         "bits": o.bits,
@@ -289,7 +300,7 @@ def simulate(state: dict[str, np.ndarray], options: QuantOptions, table: str = "
             block = q.table_block_size(w.shape[1])
             out[name] = w if block is None else NBitsWeight.quantize(
                 lambda a, b: w[a:b], w.shape[0], w.shape[1], options.head_bits, block, options.symmetric).dequantize()
-        elif options.bits == 8 and options.int8_format == "dynamic":
+        elif options.bits == 8 and options.int8_format in ("dynamic", "rowwise"):
             q, scale, zp = quantize_columns_int8(w.T, options.symmetric)  # MatMul's [K, N]
             deq = (q.astype(np.float32) - (0 if zp is None else zp.astype(np.float32))) * scale
             out[name] = np.ascontiguousarray(deq.T)

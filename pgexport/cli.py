@@ -245,9 +245,10 @@ def _progress(message: str) -> None:
                    "int4 asymmetric).")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
               help="int8/int4: MatMulNBits accuracy_level, 0 (unset) .. 4 (int8 activations, fastest on CPU; default 4).")
-@click.option("--int8-format", type=click.Choice(["nbits", "dynamic"]), default=None,
-              help="int8: linear layers as MatMulNBits (CPU and CUDA) or DynamicQuantizeMatMul (fastest on CPU); "
-                   "default: dynamic for --target cpu, nbits for cuda.")
+@click.option("--int8-format", type=click.Choice(["nbits", "dynamic", "rowwise"]), default=None,
+              help="int8: linear layers as MatMulNBits (CPU and CUDA), DynamicQuantizeMatMul (fastest on CPU) or "
+                   "MatMulInteger with activations quantized per row (rowwise: answers that do not depend on the "
+                   "batch, for pgexport serve); default: dynamic for --target cpu, nbits for cuda.")
 @click.option("--head-bits", type=click.Choice(["4", "8"]), default=None,
               help="Bits of the shared embedding / LM-head table (default: those of --quant; 8 keeps the head "
                    "accurate in an int4 export).")

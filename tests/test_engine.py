@@ -35,11 +35,12 @@ def exports(checkpoints, tmp_path_factory):
     made = {}
 
     def get(variant: str, quant: str = "fp32") -> OnnxPaliGemma:
+        """quant: fp32, fp16, int4, or int8-FORMAT (int8-nbits, int8-rowwise, int8-dynamic)."""
         if (variant, quant) not in made:
             out = tmp_path_factory.mktemp(f"engine-{variant}-{quant}") / "export"
-            options = {"int8_format": "nbits"} if quant == "int8" else None
-            export_folder(checkpoints(variant).load(), out, quant=quant, validate=False, progress=None,
-                          quant_options=options)
+            bits, _, int8_format = quant.partition("-")
+            export_folder(checkpoints(variant).load(), out, quant=bits, validate=False, progress=None,
+                          quant_options={"int8_format": int8_format} if int8_format else None)
             made[variant, quant] = OnnxPaliGemma(out, threads=1)
         return made[variant, quant]
 
@@ -103,9 +104,10 @@ def test_forty_requests_at_random_times_equal_their_solo_generation(exports, var
     assert engine.running == 0 and engine.rows.active == 0
 
 
-@pytest.mark.parametrize("quant", ["fp16", "int4", "int8"])
+@pytest.mark.parametrize("quant", ["fp16", "int4", "int8-nbits", "int8-rowwise"])
 def test_quantized_exports_are_exact_per_request(exports, quant):
-    """fp16, int4 and the weight-only int8 (MatMulNBits) do not mix rows: batched = alone."""
+    """fp16, int4, the weight-only int8 (MatMulNBits) and the rowwise int8 (activations quantized
+    per row) do not mix rows: batched = alone."""
     model = exports("pg1", quant)
     work = requests(model, 12, seed=11)
     with Engine(model, max_batch=4, max_new_tokens=max(NEW_TOKENS)) as engine:

@@ -221,11 +221,14 @@ def test_options():
     o = QuantOptions.create("int8")
     assert (o.bits, o.block_size, o.symmetric, o.int8_format) == (8, 128, True, "dynamic")
     assert QuantOptions.create("int8", target="cuda").int8_format == "nbits"
+    assert QuantOptions.create("int8", int8_format="rowwise").int8_format == "rowwise"
     for kwargs, message in [({"quant": "int3"}, "int3"), ({"quant": "int4", "block_size": 24}, "power of two"),
                             ({"quant": "int4", "block_size": 8}, "power of two"),
                             ({"quant": "int4", "accuracy_level": 5}, "accuracy level"),
                             ({"quant": "int8", "head_bits": 4}, "head bits"),
-                            ({"quant": "int4", "int8_format": "dynamic"}, "int8")]:
+                            ({"quant": "int4", "int8_format": "dynamic"}, "int8"),
+                            ({"quant": "int4", "int8_format": "rowwise"}, "int8"),
+                            ({"quant": "int8", "int8_format": "perrow"}, "nbits, dynamic or rowwise")]:
         with pytest.raises(pgexport.errors.PgExportError, match=message) as e:
             QuantOptions.create(**kwargs)
         assert "\n" not in str(e.value)
@@ -331,6 +334,27 @@ def test_export_folder_quantized(quant_export, record_diff):
     texts = rt.generate([pgexport.sample_image()], ["caption en"], max_new_tokens=6)
     assert len(texts) == 1
     rt.close()
+
+
+def test_rowwise_int8_export_passes_the_int8_gates(small, tmp_path, record_diff):
+    """`pgexport onnx --quant int8 --int8-format rowwise`: every linear layer as MatMulInteger with
+    per-row activation scales, validated against fp32 with the int8 gates."""
+    from pgexport.runtime.manifest import describe_quantization
+
+    model, processor = small
+    out = tmp_path / "int8-rowwise"
+    export_folder(model, out, quant="int8", quant_options={"int8_format": "rowwise"}, progress=None,
+                  processor=processor, threads=1)
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["passed"], report["failures"]
+    q, gates = report["quality"], TEST_GATES[8]
+    record_diff("int8-rowwise mean KL", q["mean_kl"])
+    assert q["top1_agreement"] >= gates["min_top1_agreement"] and q["mean_kl"] <= gates["max_mean_kl"], q
+    assert q["mean_cosine"] >= gates["min_mean_cosine"], q
+    mq = read_manifest(out).quantization
+    assert mq["int8_format"] == "rowwise" and "activations per row" in describe_quantization(mq)
+    assert mq["nodes"]["MatMulInteger (int8, activations per row)"] > 0 and "DynamicQuantizeMatMul" not in mq["nodes"]
+    assert set(mq["unquantized"]["float_matrices"]) == {"model.vision_tower.embeddings.position_embedding.weight"}
 
 
 def test_quantized_graph_structure(quant_export):
@@ -524,8 +548,42 @@ def test_same_bytes_as_onnxruntime_quantizer(bits, symmetric):
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_dynamic_int8_cannot_saturate_the_kernel(symmetric, tmp_path):
-    """The worst case for DynamicQuantizeMatMul's uint8 x int8 kernel: every activation at the top of
+def test_rowwise_int8_quantizes_each_row_alone(symmetric, tmp_path):
+    """`int8_format="rowwise"`: each activation row gets its own symmetric scale (max|x| / 127), so
+    the result is the numpy reference of that computation, and a row's output is bit for bit the
+    same alone as beside a row 100x larger; DynamicQuantizeMatMul (one scale per call) moves it."""
+    from pgexport.exporters.quant_numerics import quantize_columns_int8
+
+    rng = np.random.default_rng(3)
+    k, n = 256, 24
+    w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    a = rng.standard_normal((4, k)).astype(np.float32)
+    a[2] *= 100.0  # an outlier row
+    a[3] = 0.0  # an all-zero row (its scale floors at float32's tiny)
+    session = quantized_session(w, {"quant": "int8", "int8_format": "rowwise", "symmetric": symmetric},
+                                tmp_path / "rows", threads=1)
+    ops = [x.op_type for x in onnx.load(str(tmp_path / "rows" / "linear.onnx")).graph.node]
+    assert "MatMulInteger" in ops and "DynamicQuantizeMatMul" not in ops and "MatMul" not in ops
+    y = session.run(None, {"A": a})[0]
+    scale = np.maximum(np.abs(a).max(-1, keepdims=True) / np.float32(127), np.finfo(np.float32).tiny)
+    q, w_scale, zp = quantize_columns_int8(w, symmetric)
+    wq = q.astype(np.int64) - (0 if zp is None else zp.astype(np.int64))
+    ref = (np.round(a / scale).astype(np.int64) @ wq).astype(np.float32) * scale * w_scale
+    np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+    np.testing.assert_allclose(y, a @ w, rtol=0, atol=0.03 * np.abs(a @ w).max())
+    assert not y[3].any()
+    for i in range(len(a)):
+        np.testing.assert_array_equal(session.run(None, {"A": a[i:i + 1]})[0][0], y[i])
+    dynamic = quantized_session(w, {"quant": "int8", "int8_format": "dynamic", "symmetric": symmetric},
+                                tmp_path / "dynamic", threads=1)
+    assert not np.array_equal(dynamic.run(None, {"A": a[:1]})[0][0], dynamic.run(None, {"A": a})[0][0])
+
+
+@pytest.mark.parametrize("int8_format", ["dynamic", "rowwise"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_dynamic_int8_cannot_saturate_the_kernel(symmetric, int8_format, tmp_path):
+    """The worst case for the uint8 x int8 kernel of DynamicQuantizeMatMul (and of the rowwise
+    format's MatMulInteger): every activation at the top of
     its uint8 range times every weight at the top of its int8 range. On CPUs without VNNI the
     kernel adds pairs of products in saturating int16 lanes; the exported weights must keep those
     sums in range (on VNNI CPUs this passes with any weight range), so the result is the float
@@ -536,9 +594,10 @@ def test_dynamic_int8_cannot_saturate_the_kernel(symmetric, tmp_path):
     a = np.full((3, k), 4.0, np.float32)
     a[1] = np.linspace(0.0, 4.0, k)  # activations from the zero point to the top of the range
     a[2, ::2] = -4.0  # a mixed-sign row (its zero point in the middle)
-    session = quantized_session(w, {"quant": "int8", "int8_format": "dynamic", "symmetric": symmetric},
+    session = quantized_session(w, {"quant": "int8", "int8_format": int8_format, "symmetric": symmetric},
                                 tmp_path / "linear", threads=1)
-    assert [x.op_type for x in onnx.load(str(tmp_path / "linear" / "linear.onnx")).graph.node] == ["DynamicQuantizeMatMul"]
+    ops = [x.op_type for x in onnx.load(str(tmp_path / "linear" / "linear.onnx")).graph.node]
+    assert ("DynamicQuantizeMatMul" if int8_format == "dynamic" else "MatMulInteger") in ops
     y = session.run(None, {"A": a})[0]
     ref = a @ w
     np.testing.assert_allclose(y, ref, rtol=0, atol=0.02 * np.abs(ref).max())

@@ -105,6 +105,8 @@ def describe_quantization(quantization: Any) -> str:
     parts = []
     if quantization.get("int8_format") == "dynamic":
         parts.append("DynamicQuantizeMatMul")
+    elif quantization.get("int8_format") == "rowwise":
+        parts.append("MatMulInteger, activations per row")
     else:
         parts.append(f"block {quantization.get('block_size')}")
     parts.append("symmetric" if quantization.get("symmetric") else "asymmetric")
