@@ -252,7 +252,7 @@ def test_matmul_kernel_bench_matches_the_float_product(tmp_path):
     out = tmp_path / "k"
     assert kernels(["--rows", "3", "--k", "128", "--n", "48", "--blocks", "16,32", "--repeats", "2", "--out", str(out)]) == 0
     variants = json.loads(out.with_suffix(".json").read_text())["variants"]
-    assert len(variants) == 2 + 2 * 2 + 2 + 1
+    assert len(variants) == 3 + 2 * 2 + 2 + 1  # dynamic sym/asym and rowwise; int4 x 2 blocks x 2; int8 x 2; acc0
     for name, v in variants.items():
         limit = 0.2 if "4-bit" in name else 0.03
         assert 0 < v["max_rel_error"] < limit, (name, v["max_rel_error"])
