@@ -140,6 +140,9 @@ class OnnxPaliGemma:
             warnings.warn("this int8 export uses DynamicQuantizeMatMul, which ONNX Runtime runs on the CPU even with "
                           "provider='cuda'; re-export with `pgexport onnx --quant int8 --target cuda` (MatMulNBits)",
                           stacklevel=2)
+        elif self.quantized and self.provider == "cuda" and m.quantization.get("int8_format") == "rowwise":
+            warnings.warn("this int8 export (--int8-format rowwise) is built for the CPU provider; for CUDA re-export "
+                          "with `pgexport onnx --quant int8 --target cuda` (MatMulNBits)", stacklevel=2)
         self._past_names, self._present_names = m.past_names(), m.present_names()
         paths = {key: self.export_dir / name for key, name in m.graphs.items()}
         # One decoder session (decoder.onnx: prefill and decode in one graph over a cache allocated
