@@ -158,6 +158,7 @@ def measure(folder: Path, args) -> dict:
         if extra:
             stats = extra[0].stats
             full = [(s, g, e) for n, s, g, e in stats.step_log if n == args.rows]
+            decode = sum(s for _, s, _, _ in stats.step_log)
             row.update(steps=stats.steps, mean_rows=stats.decode_rows / max(stats.steps, 1), prefills=stats.prefills,
                        compactions=stats.compactions, compaction_seconds=stats.compaction_seconds,
                        full_steps=len(full),
@@ -166,8 +167,7 @@ def measure(folder: Path, args) -> dict:
                        overhead_ms_per_step=1e3 * float(np.median([s - g for s, g, _ in full])) if full else None,
                        emit_ms_per_step=1e3 * float(np.median([e for _, _, e in full])) if full else None,
                        loop_outside_graph_fraction=1 - stats.graph_seconds / stats.loop_seconds,
-                       decode_seconds=sum(s for _, s, _, _ in stats.step_log),
-                       admission_seconds=stats.loop_seconds - sum(s for _, s, _, _ in stats.step_log))
+                       decode_seconds=decode, admission_seconds=stats.loop_seconds - decode)
         result["modes"][name] = row
         progress(f"{folder.name}: {name}: {tokens / total:.2f} tokens/s")
     raw = raw_ceiling(model, args.rows, max_len, longest, args.raw_steps)

@@ -245,7 +245,7 @@ class GraphQuantizer:
             s = max(ReduceMax(|x|, -1) / 127, tiny)                      # [..., 1]
             y = Cast(MatMulInteger(Round(x / s) + 128, Wq, 128, zp)) * s * w_scale
 
-        ONNX Runtime fuses neither end into one op, so this is ten plain nodes around the GEMM:
+        ONNX Runtime fuses neither end into one op, so this is eleven plain nodes around the GEMM:
         cheap beside it (docs/quantization.md has the measured cost)."""
         q, scale, zp = self._int8_columns(tensor)
         x, base = node.input[0], tensor.name

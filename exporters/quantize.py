@@ -26,7 +26,7 @@ three graphs (numpy and onnx only, no torch, no onnxruntime):
     on CPUs without VNNI, see `quant_numerics.DYNAMIC_INT8_MAX`), or uint8 + zero points when
     asymmetric; `block_size` does not apply to it;
   - int8 with `int8_format="rowwise"`: the same weight, read by a plain `MatMulInteger` whose
-    activations are quantized per row (token) with a symmetric scale of their own (ten standard
+    activations are quantized per row (token) with a symmetric scale of their own (eleven standard
     nodes around it, `quant_graph.GraphQuantizer._rowwise`): a row's result does not depend on
     the other rows of the batch, which DynamicQuantizeMatMul's one scale per call cannot promise
     (what the continuous-batching engine needs for answers that do not depend on the load);

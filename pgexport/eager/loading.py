@@ -87,8 +87,7 @@ def load_processor(spec: str) -> PaliGemmaProcessor:
     """The processor of a checkpoint folder, or the stand-in tokenizer's for a preset."""
     if is_folder_spec(spec):
         return PaliGemmaProcessor.from_pretrained(spec)
-    if spec not in PRESETS:
-        raise not_found(spec)
+    check_spec(spec)
     cfg = PaliGemmaConfig.from_preset(spec)
     return PaliGemmaProcessor.stand_in(cfg.image_token_id, cfg.vision.image_size, cfg.num_image_tokens)
 

@@ -136,13 +136,13 @@ class OnnxPaliGemma:
         # prepacked weights the MatMulNBits / DynamicQuantizeMatMul CPU kernels dequantize the
         # whole weight on every call.
         self.quantized = isinstance(m.quantization, dict)
-        if self.quantized and self.provider == "cuda" and m.quantization.get("int8_format") == "dynamic":
-            warnings.warn("this int8 export uses DynamicQuantizeMatMul, which ONNX Runtime runs on the CPU even with "
-                          "provider='cuda'; re-export with `pgexport onnx --quant int8 --target cuda` (MatMulNBits)",
-                          stacklevel=2)
-        elif self.quantized and self.provider == "cuda" and m.quantization.get("int8_format") == "rowwise":
-            warnings.warn("this int8 export (--int8-format rowwise) is built for the CPU provider; for CUDA re-export "
-                          "with `pgexport onnx --quant int8 --target cuda` (MatMulNBits)", stacklevel=2)
+        cpu_formats = {  # int8 formats made for the CPU provider
+            "dynamic": "uses DynamicQuantizeMatMul, which ONNX Runtime runs on the CPU even with provider='cuda'",
+            "rowwise": "(--int8-format rowwise) is built for the CPU provider"}
+        int8_format = m.quantization.get("int8_format") if self.quantized else None
+        if self.provider == "cuda" and int8_format in cpu_formats:
+            warnings.warn(f"this int8 export {cpu_formats[int8_format]}; re-export with "
+                          "`pgexport onnx --quant int8 --target cuda` (MatMulNBits)", stacklevel=2)
         self._past_names, self._present_names = m.past_names(), m.present_names()
         paths = {key: self.export_dir / name for key, name in m.graphs.items()}
         # One decoder session (decoder.onnx: prefill and decode in one graph over a cache allocated
